@@ -1,0 +1,3 @@
+from extguard.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,113 @@
+"""The `extguard` command: serve, check-config, demo, mock-upstream."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from extguard import __version__
+
+
+def _add_serve(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("serve", help="run the ext_proc gRPC server")
+    parser.add_argument("--config", required=True, metavar="POLICY.yaml", help="policy file")
+    parser.add_argument("--listen", default="127.0.0.1:50051", help="gRPC host:port (default %(default)s; port 0 picks one)")
+    parser.add_argument(
+        "--metrics-listen", default="127.0.0.1:9464", help="Prometheus /metrics host:port, or 'off' (default %(default)s)"
+    )
+    parser.add_argument(
+        "--grace-period-seconds",
+        type=float,
+        default=10.0,
+        help="seconds that streams in flight may take to finish after SIGTERM or SIGINT (default %(default)s)",
+    )
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from extguard.config.loader import PolicyError
+    from extguard.server import ServerSettings, serve
+
+    settings = ServerSettings(
+        listen=args.listen,
+        metrics_listen=None if args.metrics_listen == "off" else args.metrics_listen,
+        grace_period_seconds=args.grace_period_seconds,
+    )
+    try:
+        asyncio.run(serve(args.config, settings))
+    except PolicyError as error:
+        print(error, file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_check_config(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("check-config", help="validate a policy file and list every error")
+    parser.add_argument("policy", metavar="POLICY.yaml")
+
+
+def _run_check_config(args: argparse.Namespace) -> int:
+    from extguard.config.loader import PolicyError, load_policy
+    from extguard.scan.detectors import default_detectors
+
+    try:
+        policies = load_policy(args.policy, default_detectors())
+    except PolicyError as error:
+        print(error, file=sys.stderr)
+        return 2
+    routes = ", ".join(route.name for route, _ in policies.routes) or "none"
+    print(f"{args.policy}: valid ({len(policies.default.request_rules)} request rules, "
+          f"{len(policies.default.response_rules)} response rules by default; routes: {routes})")
+    return 0
+
+
+def _add_demo(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "demo", help="start Envoy, extguard and a mock LLM upstream on loopback and run a scripted series"
+    )
+    parser.add_argument("--keep-running", action="store_true", help="leave the stack up after the series")
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from extguard.demo import run_demo
+
+    return run_demo(keep_running=args.keep_running)
+
+
+def _add_mock_upstream(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("mock-upstream", help="run the OpenAI/Anthropic-compatible mock upstream")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="port; 0 picks a free one (default %(default)s)")
+
+
+def _run_mock_upstream(args: argparse.Namespace) -> int:
+    from extguard.testing.mock_upstream import main as mock_main
+
+    return mock_main(["--host", args.host, "--port", str(args.port)])
+
+
+_COMMANDS = {
+    "serve": (_add_serve, _run_serve),
+    "check-config": (_add_check_config, _run_check_config),
+    "demo": (_add_demo, _run_demo),
+    "mock-upstream": (_add_mock_upstream, _run_mock_upstream),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="extguard", description="Guard LLM traffic behind Envoy.")
+    parser.add_argument("--version", action="version", version=f"extguard {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for add, _ in _COMMANDS.values():
+        add(commands)
+    args = parser.parse_args(argv)
+
+    level = getattr(args, "log_level", "INFO")
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return _COMMANDS[args.command][1](args)

@@ -1,0 +1,116 @@
+"""The policy file's schema: a default guard policy plus per-route overrides.
+
+The file is YAML, validated with pydantic. Loading reports every error at once with its location
+(`config.loader`). A route overrides only the fields it names; its `rules` are merged into the
+default rules by rule name, field by field.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from extguard.scan.engine import Action
+from extguard.scan.redact import MaskStyle
+
+DETECTOR_NAMES = ("pii", "secrets", "injection")
+DetectorName = Literal["pii", "secrets", "injection"]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+
+
+class Direction(enum.StrEnum):
+    REQUEST = "request"
+    RESPONSE = "response"
+    BOTH = "both"
+
+    def covers(self, direction: Direction) -> bool:
+        return self is Direction.BOTH or self is direction
+
+
+class OnBadInput(enum.StrEnum):
+    """What to do with a body extguard cannot read (malformed JSON, invalid UTF-8, too large)."""
+
+    REJECT = "reject"  # answer 400 (413 for size) in the provider's error format
+    PASS = "pass"  # forward it unscanned, counted and logged
+
+
+class FailureMode(enum.StrEnum):
+    """What to do when extguard itself fails while handling a message."""
+
+    CLOSED = "closed"  # reject the request, or end a streamed response with an error event
+    OPEN = "open"  # let the message through unchanged
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Rule(_Strict):
+    """One guard rule: a detector, the entity types it watches and what happens on a hit."""
+
+    detector: DetectorName | None = None  # defaults to the rule's name
+    enabled: bool = True
+    action: Action = Action.MASK
+    direction: Direction = Direction.BOTH
+    entities: list[str] | None = None  # None: every entity type of the detector
+    score_threshold: Fraction = 0.5
+    mask_style: MaskStyle = MaskStyle.PLACEHOLDER
+
+
+class RuleOverride(_Strict):
+    """The fields of a `Rule` that a route changes; unset fields keep the default rule's value."""
+
+    detector: DetectorName | None = None
+    enabled: bool | None = None
+    action: Action | None = None
+    direction: Direction | None = None
+    entities: list[str] | None = None
+    score_threshold: Fraction | None = None
+    mask_style: MaskStyle | None = None
+
+
+class GuardPolicy(_Strict):
+    """The settings that apply to one request once its route is known."""
+
+    on_bad_input: OnBadInput = OnBadInput.REJECT
+    failure_mode: FailureMode = FailureMode.CLOSED
+    max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, gt=0)
+    block_unrecognized_paths: bool = False  # True: reject paths that are not a known LLM API
+    rules: dict[str, Rule] = Field(default_factory=dict)
+
+
+class RouteMatch(_Strict):
+    path_prefix: str = "/"
+    models: list[str] | None = None  # shell-style patterns (fnmatch), e.g. "gpt-4o*"; None: any
+
+    @field_validator("path_prefix")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError(f"path_prefix must start with '/', got {value!r}")
+        return value
+
+
+class Route(_Strict):
+    """A per-route override: the first route whose `match` fits a request applies to it."""
+
+    name: str = Field(min_length=1)
+    match: RouteMatch = Field(default_factory=RouteMatch)
+    on_bad_input: OnBadInput | None = None
+    failure_mode: FailureMode | None = None
+    max_body_bytes: int | None = Field(None, gt=0)
+    block_unrecognized_paths: bool | None = None
+    rules: dict[str, RuleOverride] = Field(default_factory=dict)
+
+
+class PolicyFile(_Strict):
+    version: Literal[1] = 1
+    # Environment variable holding the HMAC key of the `hash` mask style. When it is unset, a
+    # random key is drawn at start, so hash tokens differ between restarts and replicas.
+    hash_key_env: str = "EXTGUARD_HASH_KEY"
+    default: GuardPolicy = Field(default_factory=GuardPolicy)
+    routes: list[Route] = Field(default_factory=list)

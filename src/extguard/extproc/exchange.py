@@ -1,0 +1,475 @@
+"""The state of one HTTP request as it passes through Envoy's ext_proc filter.
+
+Envoy opens one Process stream per HTTP request and sends, in order, request_headers,
+request_body, (request_trailers), response_headers, response_body chunks, (response_trailers).
+`Exchange.handle` answers every message with exactly one ProcessingResponse.
+
+Processing modes. The shipped Envoy configs buffer request bodies (BUFFERED) and, by default,
+response bodies too. At response_headers the exchange picks the response body mode with a
+`mode_override` (the filter must set `allow_mode_override: true`):
+- `text/event-stream` of a known API: STREAMED, rewritten event by event (`llm.streams`);
+- JSON of a known API: BUFFERED, so a blocked answer can still become a proper HTTP error;
+- anything else: NONE, so the body never reaches extguard.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import zlib
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
+
+from extguard.config.loader import PolicySet, ResolvedPolicy
+from extguard.config.policy import FailureMode, OnBadInput
+from extguard.extproc import messages
+from extguard.llm.apis import ERROR_CODE_BAD_INPUT, ERROR_CODE_BLOCKED, ERROR_CODE_INTERNAL, OPENAI_CHAT, Api, api_for_path
+from extguard.llm.payloads import TextSlot
+from extguard.llm.streams import StreamRewriter, stream_rewriter_for
+from extguard.scan.engine import Hit, ScanRule, guard_text
+from extguard.scan.redact import Masker, PseudonymVault
+from extguard.scan.stream import StreamGuard
+from extguard.telemetry.metrics import Metrics
+
+log = logging.getLogger("extguard.extproc")
+
+# Content codings extguard can decode for scanning. Others are removed from `accept-encoding`
+# on the way upstream, so a provider never answers in a coding extguard cannot read.
+DECODABLE_ENCODINGS = ("gzip", "x-gzip", "deflate")
+_ACCEPT_ENCODING = "gzip, deflate"
+
+_SKIP_RESPONSE = messages.ProcessingMode(
+    request_body_mode=messages.NONE, response_header_mode=messages.SKIP, response_body_mode=messages.NONE
+)
+_RESPONSE_STREAMED = messages.ProcessingMode(response_body_mode=messages.STREAMED)
+_RESPONSE_BUFFERED = messages.ProcessingMode(response_body_mode=messages.BUFFERED)
+_RESPONSE_NONE = messages.ProcessingMode(response_body_mode=messages.NONE)
+
+_JSON_HEADERS = {"content-type": "application/json"}
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    """What every exchange shares: the policies, the masker and the metrics. Immutable."""
+
+    policies: PolicySet
+    masker: Masker
+    metrics: Metrics
+
+
+class BadInput(Exception):
+    """A body extguard cannot read; `kind` is the metric label (malformed_json, invalid_utf8, ...)."""
+
+    def __init__(self, kind: str, status: int = 400) -> None:
+        super().__init__(kind)
+        self.kind = kind
+        self.status = status
+
+
+class Exchange:
+    """One HTTP request and its response; created per Process stream, never shared."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.request_id = "-"
+        self.path = ""
+        self.api: Api | None = None
+        self.policy: ResolvedPolicy = runtime.policies.default
+        self.model: str | None = None
+        self.vault: PseudonymVault | None = None
+        self.request_body_mode = messages.BUFFERED
+        self.response_body_mode = messages.BUFFERED
+        self.request_content_encoding = ""
+        self.response_content_encoding = ""
+        self.response_kind = ""  # "sse", "json" or "" (not inspected)
+        self.rewriter: StreamRewriter | None = None
+        self.decompressor: Any = None
+        self.request_buffer = bytearray()  # body chunks held when Envoy streams the body
+        self.response_buffer = bytearray()
+        self.logged_problems: set[str] = set()
+        self.finished = False  # an ImmediateResponse was sent; Envoy sends nothing more
+
+    # -- dispatch ------------------------------------------------------------------------------
+
+    def handle(self, request: ext_proc.ProcessingRequest) -> ext_proc.ProcessingResponse:
+        """Return the one reply to `request`; never raises."""
+        if request.HasField("protocol_config"):
+            self.request_body_mode = request.protocol_config.request_body_mode or self.request_body_mode
+            self.response_body_mode = request.protocol_config.response_body_mode or self.response_body_mode
+
+        kind = request.WhichOneof("request")
+        if kind is None:
+            self._problem("unexpected_message", "pass")
+            return ext_proc.ProcessingResponse()
+        try:
+            return _HANDLERS[kind](self, getattr(request, kind))
+        except Exception:
+            return self._internal_error(kind)
+
+    def _internal_error(self, kind: str) -> ext_proc.ProcessingResponse:
+        mode = self.policy.settings.failure_mode
+        self.runtime.metrics.internal_errors.labels(kind, mode.value).inc()
+        log.exception("internal error while handling %s (request %s); failure mode %s", kind, self.request_id, mode)
+        if mode is FailureMode.OPEN:
+            return messages.continue_reply(kind)
+        message = "extguard could not inspect this request, so it was stopped. Try again later."
+        if kind == "response_body" and self.response_kind == "sse":
+            return messages.common_reply(kind, body=self._api().stream_error_event(message, ERROR_CODE_INTERNAL))
+        return self._error_reply(500, message, ERROR_CODE_INTERNAL, "extguard_internal_error")
+
+    # -- request -------------------------------------------------------------------------------
+
+    def on_request_headers(self, headers: ext_proc.HttpHeaders) -> ext_proc.ProcessingResponse:
+        values = messages.header_map(headers)
+        self.request_id = values.get("x-request-id", "-")
+        self.path = values.get(":path", "")
+        self.api = api_for_path(self.path)
+        self.policy = self.runtime.policies.select(self.path, None)
+        self.request_content_encoding = values.get("content-encoding", "").strip().lower()
+
+        if self.api is None:
+            if self.policy.settings.block_unrecognized_paths:
+                message = f"The path {self.path.split('?', 1)[0]!r} is not an LLM API that this gateway serves."
+                return self._error_reply(404, message, "extguard_unknown_path", "extguard_unknown_path")
+            return messages.continue_reply("request_headers", _SKIP_RESPONSE)
+
+        accept = values.get("accept-encoding")
+        if accept is not None and not _only_decodable(accept):
+            mutation = messages.header_mutation({"accept-encoding": _ACCEPT_ENCODING})
+            return messages.common_reply("request_headers", headers=mutation)
+        return messages.continue_reply("request_headers")
+
+    def on_request_body(self, body: ext_proc.HttpBody) -> ext_proc.ProcessingResponse:
+        if self.api is None:
+            return messages.continue_reply("request_body")
+        if self.request_body_mode == messages.STREAMED and not body.end_of_stream:
+            # Only the complete body can be parsed: hold each chunk back and send it all at the end.
+            self.request_buffer += body.body
+            return messages.common_reply("request_body", body=b"")
+        raw = bytes(self.request_buffer) + body.body if self.request_buffer else body.body
+        self.request_buffer.clear()
+
+        try:
+            payload = self._parse_json(raw, self.request_content_encoding)
+        except BadInput as error:
+            return self._bad_request_body(error, raw)
+
+        model = payload.get("model")
+        self.model = model if isinstance(model, str) else None
+        self.policy = self.runtime.policies.select(self.path, self.model)
+        if self.policy.uses_pseudonyms:
+            self.vault = PseudonymVault()
+
+        hits, blocking, changed = self._guard_slots(self._api().request_slots(payload), "request")
+        self._record_hits("request", hits)
+        if blocking:
+            return self._block_request(blocking)
+        if not changed:
+            return messages.continue_reply("request_body")
+        return self._replace_request_body(payload)
+
+    def _request_rules(self, slot: TextSlot) -> tuple[ScanRule, ...]:
+        # The system prompt is the application's own text: it is scanned for PII and secrets,
+        # but not for prompt injection.
+        if slot.role in ("system", "developer"):
+            return tuple(rule for rule in self.policy.request_rules if rule.detector.name != "injection")
+        return self.policy.request_rules
+
+    def _replace_request_body(self, payload: dict[str, Any]) -> ext_proc.ProcessingResponse:
+        new_body = _dump_json(payload)
+        if self.request_body_mode == messages.BUFFERED:
+            remove = ["content-encoding"] if self.request_content_encoding else []
+            mutation = messages.header_mutation({"content-length": str(len(new_body))}, remove)
+            return messages.common_reply("request_body", body=new_body, headers=mutation)
+        return messages.common_reply("request_body", body=new_body)
+
+    def _block_request(self, blocking: list[Hit]) -> ext_proc.ProcessingResponse:
+        self.runtime.metrics.blocked.labels("request", self.policy.name).inc()
+        message = f"Request blocked by extguard policy {self.policy.name!r}: {_describe(blocking)}."
+        log.info("request %s blocked by policy %s: %s", self.request_id, self.policy.name, _describe(blocking))
+        return self._error_reply(400, message + " Remove that content and try again.", ERROR_CODE_BLOCKED, "extguard_blocked")
+
+    def _bad_request_body(self, error: BadInput, raw: bytes) -> ext_proc.ProcessingResponse:
+        if self.policy.settings.on_bad_input is OnBadInput.PASS:
+            self._problem(error.kind, "pass")
+            return messages.continue_reply("request_body")
+        self._problem(error.kind, "reject")
+        return self._error_reply(error.status, _bad_input_message(error.kind, len(raw)), ERROR_CODE_BAD_INPUT, f"extguard_{error.kind}")
+
+    # -- response ------------------------------------------------------------------------------
+
+    def on_response_headers(self, headers: ext_proc.HttpHeaders) -> ext_proc.ProcessingResponse:
+        if self.api is None:
+            return messages.continue_reply("response_headers", _RESPONSE_NONE)
+        values = messages.header_map(headers)
+        content_type = values.get("content-type", "").split(";", 1)[0].strip().lower()
+        encoding = values.get("content-encoding", "").strip().lower()
+        guarded = bool(self.policy.response_rules) or bool(self.vault)
+
+        if content_type == "text/event-stream":
+            self.response_kind = "sse"
+        elif content_type == "application/json" or content_type.endswith("+json"):
+            self.response_kind = "json"
+        if not guarded or not self.response_kind:
+            self.response_kind = ""
+            return messages.continue_reply("response_headers", _RESPONSE_NONE)
+
+        if encoding and encoding != "identity" and encoding not in DECODABLE_ENCODINGS:
+            return self._unsupported_encoding(encoding)
+        self.response_content_encoding = "" if encoding == "identity" else encoding
+        if self.response_kind == "json":
+            self.response_body_mode = messages.BUFFERED
+            return messages.continue_reply("response_headers", _RESPONSE_BUFFERED)
+
+        self.response_body_mode = messages.STREAMED
+        self.rewriter = self._new_rewriter()
+        remove = ["content-length"]
+        if self.response_content_encoding:
+            # The stream is decoded for scanning and sent on as identity.
+            self.decompressor = zlib.decompressobj(zlib.MAX_WBITS | 32)
+            remove.append("content-encoding")
+        mutation = messages.header_mutation(remove=remove)
+        return messages.common_reply("response_headers", headers=mutation, mode_override=_RESPONSE_STREAMED)
+
+    def _new_rewriter(self) -> StreamRewriter:
+        rules = self.policy.response_rules
+        masker = self.runtime.masker
+        vault = self.vault
+
+        def make_guard() -> StreamGuard:
+            return StreamGuard(rules, masker, vault, restore_pseudonyms=bool(vault))
+
+        def block_message(blocking: list[Hit]) -> str:
+            self.runtime.metrics.blocked.labels("response", self.policy.name).inc()
+            return f"Response blocked by extguard policy {self.policy.name!r}: {_describe(blocking)}."
+
+        pass_bad = self.policy.settings.on_bad_input is OnBadInput.PASS
+        return stream_rewriter_for(self._api(), make_guard, block_message, pass_bad_events=pass_bad)
+
+    def _unsupported_encoding(self, encoding: str) -> ext_proc.ProcessingResponse:
+        self.response_kind = ""
+        if self.policy.settings.on_bad_input is OnBadInput.PASS:
+            self._problem("unsupported_encoding", "pass")
+            return messages.continue_reply("response_headers", _RESPONSE_NONE)
+        self._problem("unsupported_encoding", "reject")
+        message = f"The upstream answered with content-encoding {encoding!r}, which extguard cannot inspect."
+        return self._error_reply(502, message, ERROR_CODE_BAD_INPUT, "extguard_unsupported_encoding")
+
+    def on_response_body(self, body: ext_proc.HttpBody) -> ext_proc.ProcessingResponse:
+        if self.response_kind == "sse" and self.rewriter is not None:
+            return self._stream_chunk(body)
+        if self.response_kind == "json":
+            return self._json_response(body)
+        return messages.continue_reply("response_body")
+
+    def _stream_chunk(self, body: ext_proc.HttpBody) -> ext_proc.ProcessingResponse:
+        rewriter = self.rewriter
+        assert rewriter is not None
+        if rewriter.blocked:
+            # The stream already ended with an error event; drop what the upstream still sends.
+            return messages.common_reply("response_body", body=b"")
+        chunk = body.body
+        if self.decompressor is not None:
+            chunk = self._decompress_stream_chunk(chunk)
+        if chunk is None:
+            rewriter.blocked = True
+            message = "extguard could not decode the upstream response stream, so it was stopped."
+            return messages.common_reply("response_body", body=self._api().stream_error_event(message, ERROR_CODE_BAD_INPUT))
+
+        output = rewriter.feed(chunk)
+        if body.end_of_stream:
+            output += rewriter.finish()
+            self._finish_stream(rewriter)
+        for kind in rewriter.problems:
+            self._problem(kind, "pass" if self.policy.settings.on_bad_input is OnBadInput.PASS else "reject")
+        rewriter.problems.clear()
+
+        if output == body.body:
+            return messages.continue_reply("response_body")
+        return messages.common_reply("response_body", body=output)
+
+    def _decompress_stream_chunk(self, chunk: bytes) -> bytes | None:
+        limit = self.policy.settings.max_body_bytes
+        try:
+            output = self.decompressor.decompress(chunk, limit)
+        except zlib.error:
+            self._problem("corrupt_encoding", "reject")
+            return None
+        if self.decompressor.unconsumed_tail:
+            self._problem("body_too_large", "reject")
+            return None
+        return output
+
+    def _finish_stream(self, rewriter: StreamRewriter) -> None:
+        self.runtime.metrics.stream_held_chars.observe(rewriter.max_held_chars)
+        self._record_hits("response", rewriter.hits)
+
+    def _json_response(self, body: ext_proc.HttpBody) -> ext_proc.ProcessingResponse:
+        if self.response_body_mode == messages.STREAMED and not body.end_of_stream:
+            self.response_buffer += body.body
+            return messages.common_reply("response_body", body=b"")
+        raw = bytes(self.response_buffer) + body.body if self.response_buffer else body.body
+        self.response_buffer.clear()
+        streamed = self.response_body_mode == messages.STREAMED
+
+        try:
+            payload = self._parse_json(raw, self.response_content_encoding)
+        except BadInput as error:
+            return self._bad_response_body(error, raw, streamed)
+
+        hits, blocking, changed = self._guard_slots(self._api().response_slots(payload), "response")
+        self._record_hits("response", hits)
+        if blocking:
+            self.runtime.metrics.blocked.labels("response", self.policy.name).inc()
+            message = f"Response blocked by extguard policy {self.policy.name!r}: {_describe(blocking)}."
+            return self._error_reply(502, message, ERROR_CODE_BLOCKED, "extguard_blocked")
+        if not changed:
+            return messages.common_reply("response_body", body=raw) if streamed else messages.continue_reply("response_body")
+
+        new_body = _dump_json(payload)
+        if streamed:
+            return messages.common_reply("response_body", body=new_body)
+        remove = ["content-encoding"] if self.response_content_encoding else []
+        mutation = messages.header_mutation({"content-length": str(len(new_body))}, remove)
+        return messages.common_reply("response_body", body=new_body, headers=mutation)
+
+    def _bad_response_body(self, error: BadInput, raw: bytes, streamed: bool) -> ext_proc.ProcessingResponse:
+        if self.policy.settings.on_bad_input is OnBadInput.PASS:
+            self._problem(error.kind, "pass")
+            return messages.common_reply("response_body", body=raw) if streamed else messages.continue_reply("response_body")
+        self._problem(error.kind, "reject")
+        message = "The upstream response could not be inspected by extguard: " + _bad_input_message(error.kind, len(raw))
+        return self._error_reply(502, message, ERROR_CODE_BAD_INPUT, f"extguard_{error.kind}")
+
+    # -- trailers ------------------------------------------------------------------------------
+
+    def on_request_trailers(self, trailers: ext_proc.HttpTrailers) -> ext_proc.ProcessingResponse:
+        return messages.continue_reply("request_trailers")
+
+    def on_response_trailers(self, trailers: ext_proc.HttpTrailers) -> ext_proc.ProcessingResponse:
+        if self.rewriter is not None and not self.rewriter.blocked:
+            # Trailers end the body: anything still held back can no longer be sent, so it is
+            # accounted as flushed. Envoy's STREAMED mode sends end_of_stream on the last chunk
+            # unless trailers follow.
+            self.rewriter.finish()
+            self._finish_stream(self.rewriter)
+        return messages.continue_reply("response_trailers")
+
+    # -- shared steps --------------------------------------------------------------------------
+
+    def _api(self) -> Api:
+        return self.api or OPENAI_CHAT
+
+    def _parse_json(self, raw: bytes, encoding: str) -> dict[str, Any]:
+        limit = self.policy.settings.max_body_bytes
+        if len(raw) > limit:
+            raise BadInput("body_too_large", 413)
+        if encoding:
+            raw = _decompress(raw, limit)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadInput("invalid_utf8") from None
+        try:
+            payload = json.loads(text)
+        except ValueError:
+            raise BadInput("malformed_json") from None
+        if not isinstance(payload, dict):
+            raise BadInput("malformed_json")
+        return payload
+
+    def _guard_slots(self, slots: list[TextSlot], direction: str) -> tuple[list[Hit], list[Hit], bool]:
+        """Scan and mask every slot in place; return (hits, blocking hits, whether text changed).
+
+        Requests mint pseudonyms into the exchange's vault; responses are masked with their own
+        rules and then have the request's pseudonyms restored.
+        """
+        masker = self.runtime.masker
+        hits: list[Hit] = []
+        blocking: list[Hit] = []
+        changed = False
+        for slot in slots:
+            text = slot.text
+            if direction == "request":
+                result = guard_text(text, self._request_rules(slot), masker, self.vault)
+                new_text = result.text
+            else:
+                result = guard_text(text, self.policy.response_rules, masker, None)
+                new_text = self.vault.restore(result.text) if self.vault else result.text
+            hits.extend(result.hits)
+            blocking.extend(result.blocking)
+            if new_text != text:
+                slot.set(new_text)
+                changed = True
+        return hits, blocking, changed
+
+    def _record_hits(self, direction: str, hits: list[Hit]) -> None:
+        if not hits:
+            return
+        counter = self.runtime.metrics.guard_hits
+        for hit in hits:
+            counter.labels(direction, hit.rule.name, hit.rule.detector.name, hit.finding.entity_type, hit.rule.action.value).inc()
+        summary = ", ".join(f"{name}={count}" for name, count in sorted(Counter(h.finding.entity_type for h in hits).items()))
+        log.info("request %s %s findings under policy %s: %s", self.request_id, direction, self.policy.name, summary)
+
+    def _problem(self, kind: str, action: str) -> None:
+        self.runtime.metrics.bad_input.labels(kind, action).inc()
+        if kind not in self.logged_problems:
+            self.logged_problems.add(kind)
+            log.info("request %s: bad input %s on %s, action %s", self.request_id, kind, self.path.split("?", 1)[0], action)
+
+    def _error_reply(self, status: int, message: str, code: str, details: str) -> ext_proc.ProcessingResponse:
+        self.finished = True
+        body = self._api().error_body(status, message, code)
+        return messages.immediate_reply(status, body, details, _JSON_HEADERS)
+
+
+_HANDLERS = {
+    "request_headers": Exchange.on_request_headers,
+    "request_body": Exchange.on_request_body,
+    "request_trailers": Exchange.on_request_trailers,
+    "response_headers": Exchange.on_response_headers,
+    "response_body": Exchange.on_response_body,
+    "response_trailers": Exchange.on_response_trailers,
+}
+
+
+def _only_decodable(accept_encoding: str) -> bool:
+    for item in accept_encoding.split(","):
+        coding = item.split(";", 1)[0].strip().lower()
+        if coding and coding not in ("identity", "*") and coding not in DECODABLE_ENCODINGS:
+            return False
+    return True
+
+
+def _decompress(raw: bytes, limit: int) -> bytes:
+    decompressor = zlib.decompressobj(zlib.MAX_WBITS | 32)
+    try:
+        output = decompressor.decompress(raw, limit)
+    except zlib.error:
+        raise BadInput("corrupt_encoding") from None
+    if decompressor.unconsumed_tail:
+        raise BadInput("body_too_large", 413)
+    return output
+
+
+def _dump_json(payload: dict[str, Any]) -> bytes:
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def _describe(hits: list[Hit]) -> str:
+    counts = Counter(hit.finding.entity_type for hit in hits)
+    listing = ", ".join(f"{name} ({count})" for name, count in sorted(counts.items()))
+    return f"found {listing}"
+
+
+def _bad_input_message(kind: str, size: int) -> str:
+    return {
+        "malformed_json": "The request body is not a valid JSON object.",
+        "invalid_utf8": "The request body is not valid UTF-8.",
+        "body_too_large": f"The body ({size} bytes) is larger than the limit extguard inspects.",
+        "corrupt_encoding": "The body's content-encoding could not be decoded.",
+    }.get(kind, "The body could not be read.")

@@ -1,0 +1,46 @@
+"""The ExternalProcessor gRPC service: one Exchange per Process stream."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
+
+from extguard.extproc.exchange import Exchange, Runtime
+
+log = logging.getLogger("extguard.extproc")
+
+
+class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):
+    """Answers each ProcessingRequest with exactly one ProcessingResponse, in order.
+
+    `runtime` is read once per stream, so a policy reload applies to new requests only.
+    """
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    async def Process(  # noqa: N802 (gRPC method name)
+        self,
+        request_iterator: AsyncIterator[ext_proc.ProcessingRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[ext_proc.ProcessingResponse]:
+        runtime = self.runtime
+        metrics = runtime.metrics
+        metrics.streams.inc()
+        exchange = Exchange(runtime)
+
+        async for request in request_iterator:
+            started = time.perf_counter()
+            response = exchange.handle(request)
+            kind = request.WhichOneof("request") or "unknown"
+            metrics.messages.labels(kind).inc()
+            metrics.message_duration.labels(kind).observe(time.perf_counter() - started)
+            yield response
+            if exchange.finished:
+                # After an ImmediateResponse Envoy sends nothing more on this stream.
+                return

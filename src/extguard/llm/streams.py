@@ -1,0 +1,276 @@
+"""Guard streamed (SSE) responses of the OpenAI and Anthropic APIs event by event.
+
+Each text channel of a stream (a choice's content, one tool call's arguments, one Anthropic
+content block) gets its own `StreamGuard`, which holds back only the trailing characters that
+could still be part of a match. Held text is released with the next event of the same channel,
+or, when the channel ends, inserted into the closing event (OpenAI: the chunk carrying
+`finish_reason`) or as an extra delta event just before it (Anthropic: before
+`content_block_stop`). Events the guard leaves unchanged are forwarded byte for byte.
+
+When a blocking rule fires mid-stream, the rewriter emits one well-formed error event that the
+provider's SDK raises as an API error, and drops everything the upstream sends after it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Hashable
+from typing import Any
+
+from extguard.llm.apis import ERROR_CODE_BAD_INPUT, ERROR_CODE_BLOCKED, Api, ApiKind
+from extguard.llm.sse import SseDecodeError, SseDecoder, SseEvent, encode_event
+from extguard.scan.engine import Hit
+from extguard.scan.stream import StreamGuard
+
+BlockMessage = Callable[[list[Hit]], str]
+
+
+def _dumps(document: Any) -> str:
+    return json.dumps(document, ensure_ascii=False, separators=(",", ":"))
+
+
+class _Blocked(Exception):
+    """Raised inside the rewriter when a channel reports a blocking hit."""
+
+
+class StreamRewriter:
+    """Base of the per-API rewriters: channel bookkeeping, blocking and bad-event handling."""
+
+    def __init__(
+        self,
+        api: Api,
+        make_guard: Callable[[], StreamGuard],
+        block_message: BlockMessage,
+        *,
+        pass_bad_events: bool,
+    ) -> None:
+        self.api = api
+        self.hits: list[Hit] = []
+        self.problems: list[str] = []  # bad-input kinds seen, for the caller to count and log
+        self.blocked = False
+        self.max_held_chars = 0
+        self._make_guard = make_guard
+        self._block_message = block_message
+        self._pass_bad_events = pass_bad_events
+        self._decoder = SseDecoder()
+        self._channels: dict[Hashable, StreamGuard] = {}
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Return the bytes to send downstream in place of `chunk`."""
+        if self.blocked:
+            return b""
+        try:
+            events = self._decoder.feed(chunk)
+        except SseDecodeError:
+            return self._bad_input("invalid_utf8")
+
+        output: list[bytes] = []
+        for event in events:
+            try:
+                output.append(self._rewrite(event))
+            except _Blocked as blocked:
+                output.append(blocked.args[0])
+            if self.blocked:
+                break
+        return b"".join(output)
+
+    def finish(self) -> bytes:
+        """Return what remains at the end of the upstream body: held text, never a half event."""
+        if self.blocked:
+            return b""
+        if self._decoder.take_rest():
+            # The upstream ended mid-event. The partial event is dropped: it was never scanned.
+            self.problems.append("truncated_stream")
+        try:
+            return self._flush_channels(lambda key: True)
+        except _Blocked as blocked:
+            return blocked.args[0]
+
+    # -- channels --------------------------------------------------------------------------
+
+    def _feed_channel(self, key: Hashable, delta: str) -> str:
+        guard = self._channels.get(key)
+        if guard is None:
+            guard = self._channels[key] = self._make_guard()
+        chunk = guard.feed(delta)
+        return self._take(chunk)
+
+    def _flush_channel(self, key: Hashable) -> str:
+        guard = self._channels.pop(key, None)
+        if guard is None:
+            return ""
+        return self._take(guard.flush())
+
+    def _take(self, chunk: Any) -> str:
+        self.hits.extend(chunk.hits)
+        if chunk.held_chars > self.max_held_chars:
+            self.max_held_chars = chunk.held_chars
+        if chunk.blocking:
+            self.blocked = True
+            raise _Blocked(self.api.stream_error_event(self._block_message(chunk.blocking), ERROR_CODE_BLOCKED))
+        return chunk.text
+
+    def _flush_channels(self, wanted: Callable[[Hashable], bool]) -> bytes:
+        raise NotImplementedError
+
+    def _rewrite(self, event: SseEvent) -> bytes:
+        raise NotImplementedError
+
+    def _bad_input(self, kind: str, event: SseEvent | None = None) -> bytes:
+        self.problems.append(kind)
+        if self._pass_bad_events and event is not None:
+            return event.raw
+        if self._pass_bad_events:
+            return b""
+        self.blocked = True
+        message = "extguard could not read the upstream response stream, so it was stopped."
+        return self.api.stream_error_event(message, ERROR_CODE_BAD_INPUT)
+
+
+class OpenAiStreamRewriter(StreamRewriter):
+    """Chat Completions chunks: `choices[].delta.content`, `.refusal` and tool-call arguments."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._template: dict[str, Any] = {"object": "chat.completion.chunk"}
+
+    def _rewrite(self, event: SseEvent) -> bytes:
+        data = event.data
+        if not data:
+            return event.raw
+        if data == "[DONE]":
+            return self._flush_channels(lambda key: True) + event.raw
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            return self._bad_input("malformed_json", event)
+        if not isinstance(chunk, dict) or "error" in chunk:
+            return event.raw
+        choices = chunk.get("choices")
+        if not isinstance(choices, list) or not choices:
+            return event.raw
+
+        self._remember_template(chunk)
+        changed = False
+        for choice in choices:
+            if isinstance(choice, dict) and self._rewrite_choice(choice):
+                changed = True
+        return encode_event(_dumps(chunk)) if changed else event.raw
+
+    def _remember_template(self, chunk: dict[str, Any]) -> None:
+        for name in ("id", "created", "model", "system_fingerprint"):
+            if name in chunk:
+                self._template[name] = chunk[name]
+
+    def _rewrite_choice(self, choice: dict[str, Any]) -> bool:
+        index = choice.get("index", 0)
+        delta = choice.get("delta")
+        changed = False
+        if isinstance(delta, dict):
+            for field in ("content", "refusal"):
+                text = delta.get(field)
+                if isinstance(text, str) and text:
+                    released = self._feed_channel((index, field), text)
+                    if released != text:
+                        delta[field] = released
+                        changed = True
+            for call in delta.get("tool_calls") or ():
+                function = call.get("function") if isinstance(call, dict) else None
+                arguments = function.get("arguments") if isinstance(function, dict) else None
+                if isinstance(arguments, str) and arguments:
+                    released = self._feed_channel((index, "tool", call.get("index", 0)), arguments)
+                    if released != arguments:
+                        function["arguments"] = released
+                        changed = True
+
+        if choice.get("finish_reason") is not None:
+            if not isinstance(delta, dict):
+                delta = choice["delta"] = {}
+            if self._flush_into_delta(index, delta):
+                changed = True
+        return changed
+
+    def _flush_into_delta(self, index: Any, delta: dict[str, Any]) -> bool:
+        changed = False
+        for key in [key for key in self._channels if key[0] == index]:  # type: ignore[index]
+            text = self._flush_channel(key)
+            if not text:
+                continue
+            changed = True
+            if key[1] == "tool":  # type: ignore[index]
+                self._append_tool_arguments(delta, key[2], text)  # type: ignore[index]
+            else:
+                field = key[1]  # type: ignore[index]
+                delta[field] = (delta.get(field) or "") + text
+        return changed
+
+    @staticmethod
+    def _append_tool_arguments(delta: dict[str, Any], tool_index: Any, text: str) -> None:
+        calls = delta.setdefault("tool_calls", [])
+        for call in calls:
+            if isinstance(call, dict) and call.get("index", 0) == tool_index:
+                function = call.setdefault("function", {})
+                function["arguments"] = (function.get("arguments") or "") + text
+                return
+        calls.append({"index": tool_index, "function": {"arguments": text}})
+
+    def _flush_channels(self, wanted: Callable[[Hashable], bool]) -> bytes:
+        output: list[bytes] = []
+        for index in sorted({key[0] for key in self._channels if wanted(key)}, key=str):  # type: ignore[index]
+            delta: dict[str, Any] = {}
+            if self._flush_into_delta(index, delta):
+                chunk = {**self._template, "choices": [{"index": index, "delta": delta, "finish_reason": None}]}
+                output.append(encode_event(_dumps(chunk)))
+        return b"".join(output)
+
+
+class AnthropicStreamRewriter(StreamRewriter):
+    """Messages events: `content_block_delta` text and tool-input JSON, per content block."""
+
+    def _rewrite(self, event: SseEvent) -> bytes:
+        name = event.event
+        if name not in ("content_block_delta", "content_block_stop", "message_stop"):
+            return event.raw
+        if name == "message_stop":
+            return self._flush_channels(lambda key: True) + event.raw
+        try:
+            document = json.loads(event.data)
+        except ValueError:
+            return self._bad_input("malformed_json", event)
+        if not isinstance(document, dict):
+            return event.raw
+
+        index = document.get("index", 0)
+        if name == "content_block_stop":
+            return self._flush_channels(lambda key: key[0] == index) + event.raw  # type: ignore[index]
+
+        delta = document.get("delta")
+        if not isinstance(delta, dict):
+            return event.raw
+        field = {"text_delta": "text", "input_json_delta": "partial_json"}.get(delta.get("type", ""))
+        text = delta.get(field) if field else None
+        if not isinstance(text, str) or not text:
+            return event.raw
+        released = self._feed_channel((index, field), text)
+        if released == text:
+            return event.raw
+        delta[field] = released
+        return encode_event(_dumps(document), "content_block_delta")
+
+    def _flush_channels(self, wanted: Callable[[Hashable], bool]) -> bytes:
+        output: list[bytes] = []
+        for key in [key for key in self._channels if wanted(key)]:
+            text = self._flush_channel(key)
+            if not text:
+                continue
+            index, field = key  # type: ignore[misc]
+            delta_type = "text_delta" if field == "text" else "input_json_delta"
+            document = {"type": "content_block_delta", "index": index, "delta": {"type": delta_type, field: text}}
+            output.append(encode_event(_dumps(document), "content_block_delta"))
+        return b"".join(output)
+
+
+def stream_rewriter_for(api: Api, *args: Any, **kwargs: Any) -> StreamRewriter:
+    if api.kind is ApiKind.ANTHROPIC_MESSAGES:
+        return AnthropicStreamRewriter(api, *args, **kwargs)
+    return OpenAiStreamRewriter(api, *args, **kwargs)

@@ -1,0 +1,166 @@
+"""Scan rules and `guard_text`, which applies a policy's rules to one whole text."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from extguard.scan.findings import Detector, Finding
+from extguard.scan.redact import Masker, MaskStyle, PseudonymVault
+
+
+class Action(enum.StrEnum):
+    """Action a rule takes on a hit. When hits overlap, BLOCK beats MASK beats LOG."""
+
+    BLOCK = "block"
+    MASK = "mask"
+    LOG = "log"
+
+
+@dataclass(frozen=True, slots=True)
+class ScanRule:
+    """One policy rule bound to its detector.
+
+    `name` is the policy's rule name, used in reports and metrics. `entity_types` limits the
+    rule to some of the detector's types, None meaning all of them. Types the detector does not
+    have are not rejected here (the policy loader reports them) and never match. A finding
+    counts when its score is at least `score_threshold`.
+    """
+
+    name: str
+    detector: Detector
+    action: Action
+    entity_types: frozenset[str] | None = None
+    score_threshold: float = 0.0
+    mask_style: MaskStyle = MaskStyle.PLACEHOLDER
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.score_threshold <= 1.0:
+            raise ValueError(f"rule {self.name!r}: score_threshold {self.score_threshold} is not between 0 and 1")
+
+    def accepts(self, finding: Finding) -> bool:
+        """Return whether `finding` passes this rule's entity-type filter and score threshold."""
+        if finding.score < self.score_threshold:
+            return False
+        return self.entity_types is None or finding.entity_type in self.entity_types
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    """A finding that passed its rule's filter and threshold."""
+
+    rule: ScanRule
+    finding: Finding
+
+
+@dataclass(slots=True)
+class TextGuardResult:
+    """The outcome of `guard_text`.
+
+    `text` is the masked text, or the input object itself when `changed` is false. `hits` are
+    sorted by start offset and `blocking` is the subset whose action is BLOCK.
+    """
+
+    text: str
+    hits: list[Hit]
+    blocking: list[Hit]
+    changed: bool
+
+
+class MaskSpan(NamedTuple):
+    """A range to replace, the union of overlapping MASK hits. `hit` sets the entity type and style."""
+
+    start: int
+    end: int
+    hit: Hit
+
+
+def guard_text(text: str, rules: Sequence[ScanRule], masker: Masker, vault: PseudonymVault | None) -> TextGuardResult:
+    """Scan `text` with `rules` and mask what the MASK rules found.
+
+    When any hit blocks, every hit is still reported but nothing is masked. PSEUDONYM masks
+    mint tokens into `vault`, and ValueError is raised when such a rule fires without a vault.
+    """
+    if not rules or not text:
+        return TextGuardResult(text, [], [], False)
+
+    hits = collect_hits(text, rules)
+    blocking = [hit for hit in hits if hit.rule.action == Action.BLOCK]
+    if blocking:
+        return TextGuardResult(text, hits, blocking, False)
+
+    spans = merge_mask_spans(hits)
+    if not spans:
+        return TextGuardResult(text, hits, blocking, False)
+    return TextGuardResult(apply_masks(text, spans, masker, vault), hits, blocking, True)
+
+
+def _hit_start(hit: Hit) -> int:
+    return hit.finding.start
+
+
+def collect_hits(text: str, rules: Sequence[ScanRule]) -> list[Hit]:
+    """Return the hits of `rules` in `text`, sorted by start offset, then by rule order.
+
+    Each distinct detector scans the text once, however many rules share it.
+    """
+    findings_by_detector: dict[int, list[Finding]] = {}
+    hits: list[Hit] = []
+    for rule in rules:
+        findings = findings_by_detector.get(id(rule.detector))
+        if findings is None:
+            findings = findings_by_detector[id(rule.detector)] = rule.detector.scan(text)
+        hits.extend(Hit(rule, finding) for finding in findings if rule.accepts(finding))
+
+    # The sort is stable, so equal starts keep rule order.
+    hits.sort(key=_hit_start)
+    return hits
+
+
+def merge_mask_spans(hits: Sequence[Hit], clip_start: int = 0) -> list[MaskSpan]:
+    """Return the unions of overlapping MASK hits, in order. `hits` must be sorted by start.
+
+    Each span takes its entity type and style from its first hit. Spans that only touch stay
+    apart. Hit starts before `clip_start` are moved to it, because the text before it is gone.
+    """
+    spans: list[MaskSpan] = []
+    for hit in hits:
+        if hit.rule.action != Action.MASK:
+            continue
+        start = max(hit.finding.start, clip_start)
+        end = hit.finding.end
+        if spans and start < spans[-1].end:
+            if end > spans[-1].end:
+                spans[-1] = spans[-1]._replace(end=end)
+        else:
+            spans.append(MaskSpan(start, end, hit))
+    return spans
+
+
+def apply_masks(
+    text: str,
+    spans: Sequence[MaskSpan],
+    masker: Masker,
+    vault: PseudonymVault | None,
+    start: int = 0,
+    end: int | None = None,
+) -> str:
+    """Return `text[start:end]` with every span replaced by its mask.
+
+    The spans must be sorted, must not overlap, and must lie within `start` and `end`.
+    """
+    end = len(text) if end is None else end
+    if not spans:
+        return text[start:end]
+
+    pieces: list[str] = []
+    position = start
+    for span in spans:
+        pieces.append(text[position : span.start])
+        finding = span.hit.finding
+        pieces.append(masker.mask(text[span.start : span.end], finding.entity_type, span.hit.rule.mask_style, vault))
+        position = span.end
+    pieces.append(text[position:end])
+    return "".join(pieces)

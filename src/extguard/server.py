@@ -1,0 +1,103 @@
+"""Build and run the extguard gRPC server: ext_proc, gRPC health, and the metrics endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import start_http_server
+
+from extguard.config.loader import load_policy
+from extguard.extproc.exchange import Runtime
+from extguard.extproc.service import ExternalProcessor
+from extguard.scan.detectors import default_detectors
+from extguard.scan.redact import Masker
+from extguard.telemetry.metrics import Metrics
+
+log = logging.getLogger("extguard.server")
+
+EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+# Envoy sends whole buffered bodies in one message; leave room above the largest body limit.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    listen: str = "127.0.0.1:50051"  # host:port of the gRPC server; port 0 picks a free port
+    metrics_listen: str | None = "127.0.0.1:9464"  # host:port of /metrics; None turns it off
+    grace_period_seconds: float = 10.0  # how long streams in flight may finish after SIGTERM
+
+
+def build_runtime(policy_path: str | Path, metrics: Metrics | None = None) -> Runtime:
+    """Load the policy and build what every exchange shares; raise PolicyError when it is invalid."""
+    policies = load_policy(policy_path, default_detectors())
+    return Runtime(policies=policies, masker=Masker(policies.hash_key), metrics=metrics or Metrics())
+
+
+class GuardServer:
+    """The grpc.aio server with its services; `start()` binds, `stop()` drains."""
+
+    def __init__(self, runtime: Runtime, settings: ServerSettings) -> None:
+        self.runtime = runtime
+        self.settings = settings
+        self.port = 0
+        self.health = health.aio.HealthServicer()
+        options = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),
+        ]
+        self.server = grpc.aio.server(options=options)
+        ext_proc_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(runtime), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+
+    async def start(self) -> int:
+        """Bind and start serving; return the bound gRPC port."""
+        self.port = self.server.add_insecure_port(self.settings.listen)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self.settings.listen}: the address is in use or invalid")
+        await self.server.start()
+        for service in ("", EXT_PROC_SERVICE):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        return self.port
+
+    async def stop(self) -> None:
+        """Report NOT_SERVING, refuse new streams, and let streams in flight finish within the grace period."""
+        for service in ("", EXT_PROC_SERVICE):
+            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.stop(self.settings.grace_period_seconds)
+
+
+def _split_host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+async def serve(policy_path: str | Path, settings: ServerSettings) -> None:
+    """Run until SIGTERM or SIGINT, then drain streams in flight and return."""
+    runtime = build_runtime(policy_path)
+    if settings.metrics_listen:
+        host, port = _split_host_port(settings.metrics_listen)
+        start_http_server(port, addr=host, registry=runtime.metrics.registry)
+        log.info("metrics on http://%s/metrics", settings.metrics_listen)
+
+    server = GuardServer(runtime, settings)
+    port = await server.start()
+    host = settings.listen.rpartition(":")[0]
+    log.info("ext_proc server listening on %s:%d (policy %s)", host, port, policy_path)
+
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    await stopping.wait()
+
+    log.info("stopping: draining streams for up to %.1f s", settings.grace_period_seconds)
+    await server.stop()
+    log.info("stopped")

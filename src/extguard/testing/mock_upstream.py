@@ -1,0 +1,868 @@
+"""Mock OpenAI- and Anthropic-compatible LLM upstream for the demo, end-to-end tests and benchmarks.
+
+Endpoints:
+
+- ``POST /v1/chat/completions``: OpenAI Chat Completions, as JSON or as SSE (``"stream": true``).
+- ``POST /v1/messages``: Anthropic Messages, as JSON or as SSE.
+- ``GET /v1/models``: a fixed OpenAI-style model list. The LLM endpoints accept any model name.
+- ``GET /mock/raw`` and ``POST /mock/raw``: return the request body (``b"hello"`` for GET) as
+  ``application/octet-stream``.
+- ``GET /mock/requests`` and ``DELETE /mock/requests``: list (oldest first) or clear the
+  recorded requests.
+- ``GET /healthz``: returns ``ok``.
+
+By default the reply text echoes the text of the last user message, so a test can see what
+reached the upstream after masking. A request can script the reply with a top-level ``"mock"``
+object, which the OpenAI client sends through ``extra_body``. ``MockScript`` lists its fields.
+
+Token counts in ``usage`` are an estimate of ceil(characters / 4). Prompt tokens count the text
+of all messages plus the Anthropic ``system`` prompt. Completion tokens count the reply text or
+the tool call arguments.
+
+Every request except those to ``/mock/requests`` and ``/healthz`` is recorded with its method,
+path, query string, headers (lower-case names) and body. aiohttp decompresses a request body
+sent with ``content-encoding: gzip`` or ``deflate`` before it is recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import gzip
+import json
+import logging
+import math
+import signal
+import sys
+import time
+import uuid
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+logger = logging.getLogger(__name__)
+
+RECORDED_REQUESTS = web.AppKey("recorded_requests", collections.deque)
+
+# Request body limit. aiohttp's default of 1 MiB would reject long benchmark prompts with 413.
+MAX_REQUEST_BYTES = 64 * 1024 * 1024
+
+DEFAULT_CHUNK_CHARS = 4
+CHARS_PER_TOKEN = 4
+MODEL_IDS = ("mock-gpt", "mock-claude")
+
+_UNRECORDED_PATHS = frozenset({"/mock/requests", "/healthz"})
+_SCRIPT_FIELDS = frozenset(
+    {
+        "reply",
+        "tool_call",
+        "split_at",
+        "chunk_chars",
+        "chunk_delay_ms",
+        "gzip",
+        "status",
+        "error_message",
+        "truncate_after_events",
+        "content_type",
+    }
+)
+
+# Error types by HTTP status, from https://docs.claude.com/en/api/errors. That page says other
+# 4xx statuses may use invalid_request_error, and the mock uses api_error for other 5xx ones.
+_ANTHROPIC_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    529: "overloaded_error",
+}
+
+
+class InvalidRequestError(ValueError):
+    """A request that the mock rejects with HTTP 400 in the endpoint's provider error format."""
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A scripted tool call. ``arguments`` is sent verbatim as the JSON-encoded arguments."""
+
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
+class MockScript:
+    """Scripted behaviour from the request's top-level ``"mock"`` object.
+
+    Fields:
+        reply: text returned instead of the echo of the last user message.
+        tool_call: a tool call returned instead of text. It excludes ``reply``.
+        split_at: character offsets, increasing, at which a streamed reply text (or the tool
+            call arguments) is cut into SSE events. Offsets past the end of the text are
+            clamped to its length, and empty pieces are dropped.
+        chunk_chars: characters per streamed event when ``split_at`` is not given.
+        chunk_delay_ms: delay between SSE events, in milliseconds.
+        gzip: gzip-encode the response body. SSE bodies get a sync flush after every event.
+        status: HTTP status (400-599) of an error response in the provider's error format.
+        error_message: message of that error response.
+        truncate_after_events: end a streamed response after this many SSE events, so the
+            final chunk and ``[DONE]`` (or ``message_stop``) are missing. The HTTP response
+            itself ends normally.
+        content_type: content type sent in place of ``application/json`` or
+            ``text/event-stream``.
+    """
+
+    reply: str | None = None
+    tool_call: ToolCall | None = None
+    split_at: tuple[int, ...] | None = None
+    chunk_chars: int = DEFAULT_CHUNK_CHARS
+    chunk_delay_ms: float = 0.0
+    gzip: bool = False
+    status: int | None = None
+    error_message: str | None = None
+    truncate_after_events: int | None = None
+    content_type: str | None = None
+
+
+@dataclass(frozen=True)
+class Completion:
+    """The reply to one LLM request, independent of the provider format."""
+
+    model: str
+    text: str
+    tool_call: ToolCall | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+# --- Script parsing ---------------------------------------------------------------------------
+
+
+def parse_mock_script(raw: object) -> MockScript:
+    """Parse and validate the ``"mock"`` request field. ``None`` gives the default script.
+
+    Raises:
+        InvalidRequestError: names the invalid field and what it must be.
+    """
+    if raw is None:
+        return MockScript()
+    if not isinstance(raw, dict):
+        raise InvalidRequestError(f"mock must be an object, got {type(raw).__name__}")
+
+    unknown = sorted(set(raw) - _SCRIPT_FIELDS)
+    if unknown:
+        raise InvalidRequestError(
+            f"unknown mock field(s) {unknown}. Valid fields: {sorted(_SCRIPT_FIELDS)}"
+        )
+
+    script = MockScript(
+        reply=_optional_field(raw, "reply", str, "a string"),
+        tool_call=_parse_tool_call(raw.get("tool_call")),
+        split_at=_parse_split_at(raw.get("split_at")),
+        chunk_chars=_bounded_int(raw, "chunk_chars", DEFAULT_CHUNK_CHARS, minimum=1),
+        chunk_delay_ms=_parse_delay(raw.get("chunk_delay_ms")),
+        gzip=bool(_optional_field(raw, "gzip", bool, "a boolean")),
+        status=_parse_status(raw.get("status")),
+        error_message=_optional_field(raw, "error_message", str, "a string"),
+        truncate_after_events=_bounded_int(raw, "truncate_after_events", None, minimum=0),
+        content_type=_parse_content_type(raw.get("content_type")),
+    )
+
+    if script.reply is not None and script.tool_call is not None:
+        raise InvalidRequestError("mock.reply and mock.tool_call cannot be used together")
+    return script
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _optional_field(raw: dict[str, Any], name: str, expected: type, description: str) -> Any:
+    value = raw.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
+        raise InvalidRequestError(f"mock.{name} must be {description}, got {value!r}")
+    return value
+
+
+def _bounded_int(
+    raw: dict[str, Any], name: str, default: int | None, *, minimum: int
+) -> int | None:
+    value = raw.get(name)
+    if value is None:
+        return default
+    if not _is_int(value) or value < minimum:
+        raise InvalidRequestError(f"mock.{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _parse_tool_call(raw: object) -> ToolCall | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise InvalidRequestError(f"mock.tool_call must be an object, got {raw!r}")
+
+    name = raw.get("name")
+    arguments = raw.get("arguments")
+    if not isinstance(name, str) or not name:
+        raise InvalidRequestError(f"mock.tool_call.name must be a non-empty string, got {name!r}")
+    if not isinstance(arguments, str):
+        raise InvalidRequestError(
+            f"mock.tool_call.arguments must be a JSON-encoded string, got {arguments!r}"
+        )
+    return ToolCall(name=name, arguments=arguments)
+
+
+def _parse_split_at(raw: object) -> tuple[int, ...] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, list) or not all(_is_int(offset) and offset >= 0 for offset in raw):
+        raise InvalidRequestError(
+            f"mock.split_at must be a list of non-negative integers, got {raw!r}"
+        )
+    if any(later <= earlier for earlier, later in zip(raw, raw[1:])):
+        raise InvalidRequestError(f"mock.split_at must be strictly increasing, got {raw!r}")
+    return tuple(raw)
+
+
+def _parse_delay(raw: object) -> float:
+    if raw is None:
+        return 0.0
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not 0 <= raw < math.inf:
+        raise InvalidRequestError(
+            f"mock.chunk_delay_ms must be a non-negative number of milliseconds, got {raw!r}"
+        )
+    return float(raw)
+
+
+def _parse_status(raw: object) -> int | None:
+    if raw is None:
+        return None
+    if not _is_int(raw) or not 400 <= raw <= 599:
+        raise InvalidRequestError(f"mock.status must be an HTTP error status 400-599, got {raw!r}")
+    return raw
+
+
+def _parse_content_type(raw: object) -> str | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, str) or not raw or "\r" in raw or "\n" in raw:
+        raise InvalidRequestError(
+            f"mock.content_type must be a non-empty single-line string, got {raw!r}"
+        )
+    return raw
+
+
+# --- Request parsing --------------------------------------------------------------------------
+
+
+async def _read_json_object(request: web.Request) -> dict[str, Any]:
+    """Return the request body parsed as a JSON object, or raise InvalidRequestError."""
+    raw = await request.read()
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InvalidRequestError(f"request body is not valid JSON: {error}") from error
+
+    if not isinstance(body, dict):
+        raise InvalidRequestError(f"request body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def _require_field(body: dict[str, Any], name: str, expected: type, description: str) -> Any:
+    value = body.get(name)
+    valid = _is_int(value) if expected is int else isinstance(value, expected)
+    if not valid:
+        raise InvalidRequestError(f"{name} is missing or not {description}: {value!r}")
+    return value
+
+
+def _stream_flag(body: dict[str, Any]) -> bool:
+    stream = body.get("stream", False)
+    if stream is None:
+        return False
+    if not isinstance(stream, bool):
+        raise InvalidRequestError(f"stream must be a boolean, got {stream!r}")
+    return stream
+
+
+def _content_text(content: object) -> str:
+    """Return the text of a message content: a string, or the concatenated text blocks of a list.
+
+    Blocks of other types (images, tool results) contribute nothing.
+    """
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        return ""
+
+    texts = []
+    for block in content:
+        if not isinstance(block, dict) or block.get("type") != "text":
+            continue
+        if isinstance(block.get("text"), str):
+            texts.append(block["text"])
+    return "".join(texts)
+
+
+def _validated_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    messages = _require_field(body, "messages", list, "a list of messages")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise InvalidRequestError(f"messages[{index}] must be an object, got {message!r}")
+    return messages
+
+
+def _last_user_text(messages: list[dict[str, Any]]) -> str:
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            return _content_text(message.get("content"))
+    return ""
+
+
+def estimate_tokens(text: str) -> int:
+    """Return ceil(len(text) / 4), the token estimate used in every ``usage`` object."""
+    return math.ceil(len(text) / CHARS_PER_TOKEN)
+
+
+def _build_completion(
+    model: str, prompt_text: str, last_user_text: str, script: MockScript
+) -> Completion:
+    if script.tool_call is not None:
+        text = ""
+        generated = script.tool_call.arguments
+    else:
+        text = script.reply if script.reply is not None else last_user_text
+        generated = text
+
+    return Completion(
+        model=model,
+        text=text,
+        tool_call=script.tool_call,
+        prompt_tokens=estimate_tokens(prompt_text),
+        completion_tokens=estimate_tokens(generated),
+    )
+
+
+def split_text(text: str, split_at: tuple[int, ...] | None, chunk_chars: int) -> list[str]:
+    """Cut text into the pieces sent as separate stream events.
+
+    With ``split_at`` the cuts are at those character offsets, clamped to ``len(text)``.
+    Otherwise every piece but the last has ``chunk_chars`` characters. Empty pieces are
+    dropped, so an empty text gives no pieces.
+    """
+    if split_at is None:
+        offsets = list(range(chunk_chars, len(text), chunk_chars))
+    else:
+        offsets = [min(offset, len(text)) for offset in split_at]
+
+    bounds = [0, *offsets, len(text)]
+    pieces = [text[start:end] for start, end in zip(bounds, bounds[1:])]
+    return [piece for piece in pieces if piece]
+
+
+# --- Response writing -------------------------------------------------------------------------
+
+
+def _json_response(payload: object, script: MockScript, status: int = 200) -> web.Response:
+    body = json.dumps(payload).encode()
+    headers = {"Content-Type": script.content_type or "application/json"}
+    if script.gzip:
+        body = gzip.compress(body)
+        headers["Content-Encoding"] = "gzip"
+    return web.Response(status=status, body=body, headers=headers)
+
+
+def _sse_data(payload: object) -> bytes:
+    return f"data: {json.dumps(payload)}\n\n".encode()
+
+
+def _sse_named(event: str, payload: object) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(payload)}\n\n".encode()
+
+
+async def _send_sse(
+    request: web.Request, events: list[bytes], script: MockScript
+) -> web.StreamResponse:
+    """Stream the encoded SSE events, applying the script's delay, truncation and gzip."""
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": script.content_type or "text/event-stream; charset=utf-8",
+            "Cache-Control": "no-cache",
+        }
+    )
+    compressor = None
+    if script.gzip:
+        response.headers["Content-Encoding"] = "gzip"
+        compressor = zlib.compressobj(wbits=31)  # wbits 16 + 15 selects the gzip container.
+
+    if script.truncate_after_events is not None:
+        events = events[: script.truncate_after_events]
+
+    await response.prepare(request)
+    try:
+        for index, event in enumerate(events):
+            if index and script.chunk_delay_ms:
+                await asyncio.sleep(script.chunk_delay_ms / 1000)
+            if compressor is not None:
+                event = compressor.compress(event) + compressor.flush(zlib.Z_SYNC_FLUSH)
+            await response.write(event)
+
+        if compressor is not None:
+            await response.write(compressor.flush(zlib.Z_FINISH))
+        await response.write_eof()
+    except ConnectionResetError as error:
+        logger.debug(
+            "client of %s %s disconnected mid-stream: %s", request.method, request.path, error
+        )
+    return response
+
+
+# --- OpenAI Chat Completions ------------------------------------------------------------------
+
+
+def openai_error(message: str, status: int) -> dict[str, Any]:
+    """Return an error body in OpenAI's format for the given HTTP status."""
+    error_type = "server_error" if status >= 500 else "invalid_request_error"
+    return {"error": {"message": message, "type": error_type, "param": None, "code": None}}
+
+
+def _chat_completion_object(completion: Completion) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": completion.text, "refusal": None}
+    finish_reason = "stop"
+    if completion.tool_call is not None:
+        message["content"] = None
+        message["tool_calls"] = [
+            {
+                "id": _new_id("call_"),
+                "type": "function",
+                "function": {
+                    "name": completion.tool_call.name,
+                    "arguments": completion.tool_call.arguments,
+                },
+            }
+        ]
+        finish_reason = "tool_calls"
+
+    return {
+        "id": _new_id("chatcmpl-"),
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": completion.model,
+        "choices": [
+            {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
+        ],
+        "usage": _openai_usage(completion),
+    }
+
+
+def _openai_usage(completion: Completion) -> dict[str, int]:
+    return {
+        "prompt_tokens": completion.prompt_tokens,
+        "completion_tokens": completion.completion_tokens,
+        "total_tokens": completion.prompt_tokens + completion.completion_tokens,
+    }
+
+
+def _chat_stream_events(
+    completion: Completion, script: MockScript, include_usage: bool
+) -> list[bytes]:
+    """Encode a completion as OpenAI ``chat.completion.chunk`` events, ending with ``[DONE]``.
+
+    Every chunk carries the same id, created time and model. When ``include_usage`` is set,
+    every chunk has a ``usage`` key, null except in the last chunk, whose ``choices`` is empty.
+    """
+    header = {
+        "id": _new_id("chatcmpl-"),
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": completion.model,
+    }
+
+    def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> bytes:
+        payload: dict[str, Any] = {**header, "choices": choices}
+        if include_usage:
+            payload["usage"] = usage
+        return _sse_data(payload)
+
+    def choice(delta: dict[str, Any], finish_reason: str | None = None) -> list[dict[str, Any]]:
+        return [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+
+    if completion.tool_call is None:
+        pieces = split_text(completion.text, script.split_at, script.chunk_chars)
+        deltas = [{"role": "assistant", "content": ""}]
+        deltas += [{"content": piece} for piece in pieces]
+        finish_reason = "stop"
+    else:
+        deltas = _tool_call_deltas(completion.tool_call, script)
+        finish_reason = "tool_calls"
+
+    events = [chunk(choice(delta)) for delta in deltas]
+    events.append(chunk(choice({}, finish_reason)))
+    if include_usage:
+        events.append(chunk([], _openai_usage(completion)))
+    events.append(b"data: [DONE]\n\n")
+    return events
+
+
+def _tool_call_deltas(tool_call: ToolCall, script: MockScript) -> list[dict[str, Any]]:
+    """Return the deltas of a streamed tool call as OpenAI sends them.
+
+    The role delta has ``content: null``, the first tool delta carries the id and function
+    name with empty arguments, and later deltas carry argument fragments.
+    """
+    first = {
+        "index": 0,
+        "id": _new_id("call_"),
+        "type": "function",
+        "function": {"name": tool_call.name, "arguments": ""},
+    }
+    deltas: list[dict[str, Any]] = [{"role": "assistant", "content": None}, {"tool_calls": [first]}]
+    for piece in split_text(tool_call.arguments, script.split_at, script.chunk_chars):
+        deltas.append({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
+    return deltas
+
+
+async def _handle_chat_completions(request: web.Request) -> web.StreamResponse:
+    try:
+        body = await _read_json_object(request)
+        model = _require_field(body, "model", str, "a string")
+        messages = _validated_messages(body)
+        stream = _stream_flag(body)
+        include_usage = _include_usage(body)
+        script = parse_mock_script(body.get("mock"))
+    except InvalidRequestError as error:
+        _log_rejected(request, error)
+        return _json_response(openai_error(str(error), 400), MockScript(), status=400)
+
+    if script.status is not None:
+        message = script.error_message or f"mock error with status {script.status}"
+        return _json_response(openai_error(message, script.status), script, status=script.status)
+
+    prompt_text = "".join(_content_text(message.get("content")) for message in messages)
+    completion = _build_completion(model, prompt_text, _last_user_text(messages), script)
+    if stream:
+        events = _chat_stream_events(completion, script, include_usage)
+        return await _send_sse(request, events, script)
+    return _json_response(_chat_completion_object(completion), script)
+
+
+def _include_usage(body: dict[str, Any]) -> bool:
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not isinstance(options, dict):
+        raise InvalidRequestError(f"stream_options must be an object, got {options!r}")
+    return options.get("include_usage") is True
+
+
+# --- Anthropic Messages -----------------------------------------------------------------------
+
+
+def anthropic_error(message: str, status: int) -> dict[str, Any]:
+    """Return an error body in Anthropic's format for the given HTTP status."""
+    default_type = "invalid_request_error" if status < 500 else "api_error"
+    error_type = _ANTHROPIC_ERROR_TYPES.get(status, default_type)
+    return {"type": "error", "error": {"type": error_type, "message": message}}
+
+
+def _system_text(system: object) -> str:
+    if system is None:
+        return ""
+    if not isinstance(system, (str, list)):
+        raise InvalidRequestError(
+            f"system must be a string or a list of text blocks, got {system!r}"
+        )
+    return _content_text(system)
+
+
+def _tool_use_input(tool_call: ToolCall) -> dict[str, Any]:
+    try:
+        tool_input = json.loads(tool_call.arguments)
+    except json.JSONDecodeError as error:
+        raise InvalidRequestError(f"mock.tool_call.arguments is not valid JSON: {error}") from error
+    if not isinstance(tool_input, dict):
+        raise InvalidRequestError("mock.tool_call.arguments must encode a JSON object for tool_use")
+    return tool_input
+
+
+def _anthropic_content_block(completion: Completion, streaming: bool) -> dict[str, Any]:
+    """Return the single content block, empty when it opens a stream."""
+    if completion.tool_call is None:
+        return {"type": "text", "text": "" if streaming else completion.text}
+    return {
+        "type": "tool_use",
+        "id": _new_id("toolu_"),
+        "name": completion.tool_call.name,
+        "input": {} if streaming else _tool_use_input(completion.tool_call),
+    }
+
+
+def _stop_reason(completion: Completion) -> str:
+    return "end_turn" if completion.tool_call is None else "tool_use"
+
+
+def _anthropic_message(completion: Completion) -> dict[str, Any]:
+    return {
+        "id": _new_id("msg_"),
+        "type": "message",
+        "role": "assistant",
+        "model": completion.model,
+        "content": [_anthropic_content_block(completion, streaming=False)],
+        "stop_reason": _stop_reason(completion),
+        "stop_sequence": None,
+        "usage": {
+            "input_tokens": completion.prompt_tokens,
+            "output_tokens": completion.completion_tokens,
+        },
+    }
+
+
+def _anthropic_stream_events(completion: Completion, script: MockScript) -> list[bytes]:
+    """Encode a completion as Anthropic's named SSE events, from message_start to message_stop."""
+    message_start = {
+        "id": _new_id("msg_"),
+        "type": "message",
+        "role": "assistant",
+        "model": completion.model,
+        "content": [],
+        "stop_reason": None,
+        "stop_sequence": None,
+        "usage": {"input_tokens": completion.prompt_tokens, "output_tokens": 1},
+    }
+    if completion.tool_call is None:
+        pieces = split_text(completion.text, script.split_at, script.chunk_chars)
+        deltas = [{"type": "text_delta", "text": piece} for piece in pieces]
+    else:
+        pieces = split_text(completion.tool_call.arguments, script.split_at, script.chunk_chars)
+        deltas = [{"type": "input_json_delta", "partial_json": piece} for piece in pieces]
+
+    first_block = _anthropic_content_block(completion, streaming=True)
+    events: list[tuple[str, dict[str, Any]]] = [
+        ("message_start", {"message": message_start}),
+        ("content_block_start", {"index": 0, "content_block": first_block}),
+        ("ping", {}),
+    ]
+    events += [("content_block_delta", {"index": 0, "delta": delta}) for delta in deltas]
+    events += [
+        ("content_block_stop", {"index": 0}),
+        (
+            "message_delta",
+            {
+                "delta": {"stop_reason": _stop_reason(completion), "stop_sequence": None},
+                "usage": {"output_tokens": completion.completion_tokens},
+            },
+        ),
+        ("message_stop", {}),
+    ]
+    return [_sse_named(name, {"type": name, **data}) for name, data in events]
+
+
+async def _handle_messages(request: web.Request) -> web.StreamResponse:
+    try:
+        body = await _read_json_object(request)
+        model = _require_field(body, "model", str, "a string")
+        max_tokens = _require_field(body, "max_tokens", int, "an integer")
+        messages = _validated_messages(body)
+        system_text = _system_text(body.get("system"))
+        if max_tokens < 1:
+            raise InvalidRequestError(f"max_tokens must be >= 1, got {max_tokens}")
+        stream = _stream_flag(body)
+        script = parse_mock_script(body.get("mock"))
+        if script.tool_call is not None:
+            _tool_use_input(script.tool_call)
+    except InvalidRequestError as error:
+        _log_rejected(request, error)
+        return _json_response(anthropic_error(str(error), 400), MockScript(), status=400)
+
+    if script.status is not None:
+        message = script.error_message or f"mock error with status {script.status}"
+        return _json_response(anthropic_error(message, script.status), script, status=script.status)
+
+    # NOTE: max_tokens is validated but never cuts the reply, so the echo stays exact.
+    message_texts = [_content_text(message.get("content")) for message in messages]
+    prompt_text = system_text + "".join(message_texts)
+    completion = _build_completion(model, prompt_text, _last_user_text(messages), script)
+    if stream:
+        return await _send_sse(request, _anthropic_stream_events(completion, script), script)
+    return _json_response(_anthropic_message(completion), script)
+
+
+# --- Other endpoints --------------------------------------------------------------------------
+
+
+async def _handle_models(request: web.Request) -> web.Response:
+    created = int(time.time())
+    models = [
+        {"id": model_id, "object": "model", "created": created, "owned_by": "extguard-mock"}
+        for model_id in MODEL_IDS
+    ]
+    return web.json_response({"object": "list", "data": models})
+
+
+async def _handle_raw(request: web.Request) -> web.Response:
+    body = await request.read() if request.method == "POST" else b"hello"
+    return web.Response(body=body, content_type="application/octet-stream")
+
+
+async def _handle_list_requests(request: web.Request) -> web.Response:
+    return web.json_response(list(request.app[RECORDED_REQUESTS]))
+
+
+async def _handle_clear_requests(request: web.Request) -> web.Response:
+    request.app[RECORDED_REQUESTS].clear()
+    return web.Response(status=204)
+
+
+async def _handle_healthz(request: web.Request) -> web.Response:
+    return web.Response(text="ok")
+
+
+@web.middleware
+async def _record_request(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Append the request to the app's bounded record before handling it."""
+    if request.path not in _UNRECORDED_PATHS:
+        body = await request.read()
+        headers: dict[str, str] = {}
+        for name, value in request.headers.items():
+            name = name.lower()
+            headers[name] = f"{headers[name]}, {value}" if name in headers else value
+        request.app[RECORDED_REQUESTS].append(
+            {
+                "method": request.method,
+                "path": request.path,
+                "query": request.query_string,
+                "headers": headers,
+                "body": body.decode("utf-8", errors="replace"),
+            }
+        )
+    return await handler(request)
+
+
+def _log_rejected(request: web.Request, error: InvalidRequestError) -> None:
+    logger.info("rejected %s %s with 400: %s", request.method, request.path, error)
+
+
+def _new_id(prefix: str) -> str:
+    return prefix + uuid.uuid4().hex[:24]
+
+
+# --- Application and server -------------------------------------------------------------------
+
+
+def build_app(*, max_recorded: int = 100) -> web.Application:
+    """Build the mock upstream application, recording at most ``max_recorded`` requests.
+
+    Older records are dropped first. All state lives on the returned application.
+    """
+    if max_recorded < 0:
+        raise ValueError(f"max_recorded must be >= 0, got {max_recorded}")
+
+    app = web.Application(middlewares=[_record_request], client_max_size=MAX_REQUEST_BYTES)
+    app[RECORDED_REQUESTS] = collections.deque(maxlen=max_recorded)
+    app.router.add_post("/v1/chat/completions", _handle_chat_completions)
+    app.router.add_post("/v1/messages", _handle_messages)
+    app.router.add_get("/v1/models", _handle_models)
+    app.router.add_route("GET", "/mock/raw", _handle_raw)
+    app.router.add_route("POST", "/mock/raw", _handle_raw)
+    app.router.add_get("/mock/requests", _handle_list_requests)
+    app.router.add_delete("/mock/requests", _handle_clear_requests)
+    app.router.add_get("/healthz", _handle_healthz)
+    return app
+
+
+class MockUpstream:
+    """A running mock upstream server. ``close()`` stops it."""
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int) -> None:
+        self._runner = runner
+        self.host = host
+        self.port = port
+
+    @property
+    def base_url(self) -> str:
+        """The server's URL without a trailing slash, such as ``http://127.0.0.1:8080``."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    async def close(self) -> None:
+        """Stop accepting connections and wait up to 1 s for requests in progress."""
+        await self._runner.cleanup()
+
+
+async def start_mock_upstream(
+    host: str = "127.0.0.1", port: int = 0, *, max_recorded: int = 100
+) -> MockUpstream:
+    """Start the mock upstream on host and port, where port 0 picks a free port.
+
+    Pass a literal address as host: with port 0, a name that resolves to several addresses
+    gets a different free port on each, and ``.port`` reports only the first.
+
+    Raises:
+        OSError: the address could not be bound.
+    """
+    app = build_app(max_recorded=max_recorded)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError:
+        await runner.cleanup()
+        raise
+    bound_port = runner.addresses[0][1]
+    return MockUpstream(runner, host, bound_port)
+
+
+async def _serve_until_signal(host: str, port: int) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signal_number in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signal_number, stop.set)
+
+    mock = await start_mock_upstream(host, port)
+    print(f"mock upstream listening on {mock.base_url}", flush=True)
+    logger.info("mock upstream started on %s", mock.base_url)
+    try:
+        await stop.wait()
+    finally:
+        await mock.close()
+        logger.info("mock upstream on %s stopped", mock.base_url)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the mock upstream until SIGINT or SIGTERM and return the exit status."""
+    parser = argparse.ArgumentParser(
+        prog="python -m extguard.testing.mock_upstream",
+        description="Mock OpenAI- and Anthropic-compatible LLM upstream for tests and benchmarks.",
+    )
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=0,
+        help="TCP port to listen on; 0 picks a free port (default: %(default)s)",
+    )
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        asyncio.run(_serve_until_signal(args.host, args.port))
+    except OSError as error:
+        logger.error("failed to listen on %s port %d: %s", args.host, args.port, error)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""Policy files: validation with every error located, route merging and selection."""
+
+from __future__ import annotations
+
+import pytest
+
+from extguard.config.loader import PolicyError, parse_policy
+from extguard.scan.detectors import default_detectors
+from extguard.scan.engine import Action
+from extguard.scan.redact import MaskStyle
+
+VALID = """
+version: 1
+default:
+  rules:
+    pii: {action: mask, entities: [EMAIL_ADDRESS]}
+    cards:
+      detector: pii
+      entities: [CREDIT_CARD]
+      action: block
+    injection: {action: block, direction: request}
+routes:
+  - name: anthropic-strict
+    match: {path_prefix: /v1/messages}
+    rules:
+      pii: {action: block}
+  - name: mini-models
+    match: {models: ["gpt-4o-mini*"]}
+    max_body_bytes: 1024
+    rules:
+      injection: {enabled: false}
+"""
+
+
+def parse(text: str):  # type: ignore[no-untyped-def]
+    return parse_policy(text, default_detectors(), source="policy.yaml")
+
+
+def rule_names(rules) -> list[str]:  # type: ignore[no-untyped-def]
+    return [rule.name for rule in rules]
+
+
+def test_default_rules_split_by_direction() -> None:
+    policies = parse(VALID)
+
+    assert rule_names(policies.default.request_rules) == ["pii", "cards", "injection"]
+    assert rule_names(policies.default.response_rules) == ["pii", "cards"]
+
+
+def test_route_override_merges_fields() -> None:
+    policy = parse(VALID).select("/v1/messages", "claude-x")
+    pii = next(rule for rule in policy.request_rules if rule.name == "pii")
+
+    assert policy.name == "anthropic-strict"
+    assert pii.action is Action.BLOCK
+    assert pii.entity_types == frozenset({"EMAIL_ADDRESS"})
+
+
+@pytest.mark.parametrize(
+    ("path", "model", "expected"),
+    [
+        ("/v1/chat/completions", "gpt-4o-mini-2024", "mini-models"),
+        ("/v1/chat/completions", None, "default"),
+        ("/v1/chat/completions", "gpt-4o", "default"),
+        ("/v1/messages", "gpt-4o-mini", "anthropic-strict"),
+    ],
+)
+def test_route_selection(path: str, model: str | None, expected: str) -> None:
+    assert parse(VALID).select(path, model).name == expected
+
+
+def test_disabled_rule_dropped_in_route() -> None:
+    policy = parse(VALID).select("/v1/chat/completions", "gpt-4o-mini")
+
+    assert "injection" not in rule_names(policy.request_rules)
+    assert policy.settings.max_body_bytes == 1024
+
+
+def test_pseudonyms_in_responses_become_placeholders() -> None:
+    policies = parse("default:\n  rules:\n    pii: {mask_style: pseudonym}\n")
+
+    assert policies.default.request_rules[0].mask_style is MaskStyle.PSEUDONYM
+    assert policies.default.response_rules[0].mask_style is MaskStyle.PLACEHOLDER
+    assert policies.default.uses_pseudonyms
+
+
+def test_empty_file_is_the_default_policy() -> None:
+    policies = parse("")
+
+    assert policies.default.request_rules == ()
+    assert policies.routes == []
+
+
+INVALID = """version: 1
+default:
+  on_bad_input: ignore
+  max_body_bytes: -5
+  rules:
+    pii: {action: blok, entities: [EMAIL_ADDRESS, SHOE_SIZE]}
+    creditcards: {action: mask}
+routes:
+  - name: a
+    match: {path_prefix: v1}
+  - name: a
+    colour: blue
+"""
+
+
+def test_every_error_reported_with_location() -> None:
+    with pytest.raises(PolicyError) as raised:
+        parse(INVALID)
+    errors = raised.value.errors
+
+    assert any(e.startswith("policy.yaml:3: default.on_bad_input:") for e in errors)
+    assert any(e.startswith("policy.yaml:4: default.max_body_bytes:") for e in errors)
+    assert any(e.startswith("policy.yaml:6: default.rules.pii.action:") and "'blok'" in e for e in errors)
+    assert any(e.startswith("policy.yaml:10: routes[0].match.path_prefix:") for e in errors)
+    assert any(e.startswith("policy.yaml:12: routes[1].colour:") for e in errors)
+    assert len(errors) == 5
+
+
+def test_semantic_errors_reported_together() -> None:
+    text = """default:
+  rules:
+    pii: {entities: [EMAIL_ADDRESS, SHOE_SIZE]}
+    creditcards: {action: mask}
+routes:
+  - name: a
+  - name: a
+"""
+    with pytest.raises(PolicyError) as raised:
+        parse(text)
+    errors = raised.value.errors
+
+    assert any("SHOE_SIZE" in e and e.startswith("policy.yaml:3:") for e in errors)
+    assert any("'creditcards' needs `detector:`" in e and e.startswith("policy.yaml:4:") for e in errors)
+    assert any("duplicate route name 'a'" in e and e.startswith("policy.yaml:7:") for e in errors)
+
+
+def test_yaml_syntax_error() -> None:
+    with pytest.raises(PolicyError) as raised:
+        parse("default: [unclosed")
+
+    assert raised.value.errors[0].startswith("not valid YAML")

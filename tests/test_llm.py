@@ -1,0 +1,104 @@
+"""SSE framing and the text slots of OpenAI and Anthropic payloads."""
+
+from __future__ import annotations
+
+import pytest
+
+from extguard.llm.apis import ANTHROPIC_MESSAGES, OPENAI_CHAT, api_for_path
+from extguard.llm.payloads import anthropic_request_slots, anthropic_response_slots, openai_request_slots
+from extguard.llm.sse import SseDecodeError, SseDecoder, encode_event
+
+
+@pytest.mark.parametrize(
+    ("path", "api"),
+    [
+        ("/v1/chat/completions", OPENAI_CHAT),
+        ("/openai/deployments/gpt4/chat/completions?api-version=2024-10-21", OPENAI_CHAT),
+        ("/v1/messages", ANTHROPIC_MESSAGES),
+        ("/v1/messages/", ANTHROPIC_MESSAGES),
+        ("/v1/embeddings", None),
+        ("/v1/messages/batches", None),
+        ("/", None),
+    ],
+)
+def test_api_for_path(path: str, api) -> None:  # type: ignore[no-untyped-def]
+    assert api_for_path(path) is api
+
+
+def test_sse_events_across_chunk_boundaries() -> None:
+    stream = b'event: a\ndata: {"x": 1}\n\n: keep-alive\n\ndata: line1\ndata: line2\r\n\r\ndata: [DONE]\n\n'
+    decoder = SseDecoder()
+    events = []
+    for i in range(0, len(stream), 5):
+        events.extend(decoder.feed(stream[i : i + 5]))
+
+    assert [(e.event, e.data) for e in events] == [("a", '{"x": 1}'), (None, ""), (None, "line1\nline2"), (None, "[DONE]")]
+    assert b"".join(e.raw for e in events) == stream
+    assert decoder.pending_bytes == 0
+
+
+def test_sse_multibyte_character_split() -> None:
+    raw = "data: café ☕\n\n".encode()
+    decoder = SseDecoder()
+    events = decoder.feed(raw[:10]) + decoder.feed(raw[10:])
+
+    assert events[0].data == "café ☕"
+
+
+def test_sse_invalid_utf8_raises() -> None:
+    with pytest.raises(SseDecodeError):
+        SseDecoder().feed(b"data: \xff\n\n")
+
+
+def test_sse_truncated_rest() -> None:
+    decoder = SseDecoder()
+    decoder.feed(b"data: complete\n\ndata: {\"par")
+
+    assert decoder.take_rest() == b'data: {"par'
+
+
+def test_encode_event() -> None:
+    assert encode_event('{"a":1}') == b'data: {"a":1}\n\n'
+    assert encode_event("{}", "ping") == b"event: ping\ndata: {}\n\n"
+
+
+def test_openai_request_slots_cover_all_text() -> None:
+    payload = {
+        "messages": [
+            {"role": "system", "content": "sys"},
+            {"role": "user", "content": [{"type": "text", "text": "part"}, {"type": "image_url", "image_url": {"url": "u"}}]},
+            {"role": "assistant", "content": None,
+             "tool_calls": [{"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "1", "content": "result"},
+        ]
+    }
+    slots = openai_request_slots(payload)
+
+    assert [(slot.role, slot.text) for slot in slots] == [
+        ("system", "sys"), ("user", "part"), ("assistant", "{}"), ("tool", "result")]
+
+
+def test_slot_set_writes_back() -> None:
+    payload = {"messages": [{"role": "user", "content": "old"}]}
+    openai_request_slots(payload)[0].set("new")
+
+    assert payload["messages"][0]["content"] == "new"
+
+
+def test_anthropic_slots_include_system_tool_use_and_results() -> None:
+    payload = {
+        "system": [{"type": "text", "text": "sys"}],
+        "messages": [
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "f", "input": {"to": "a", "n": 2}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": "done"}]},
+        ],
+    }
+    slots = anthropic_request_slots(payload)
+
+    assert [(slot.role, slot.text) for slot in slots] == [("system", "sys"), ("assistant", "a"), ("tool", "done")]
+
+
+def test_anthropic_response_slots() -> None:
+    payload = {"content": [{"type": "text", "text": "hi"}, {"type": "tool_use", "input": {"q": "x"}}]}
+
+    assert [slot.text for slot in anthropic_response_slots(payload)] == ["hi", "x"]
