@@ -263,6 +263,32 @@ def test_llm_path_with_other_content_type_passes(oai, upstream) -> None:  # type
     assert "x@example.com" in raw.http_response.text
 
 
+def scrape(stack: Stack, name: str, **labels: str) -> float:
+    """Return one sample of extguard's /metrics, or 0 when it is absent."""
+    wanted = ",".join(f'{key}="{value}"' for key, value in sorted(labels.items()))
+    with _DIRECT.open(stack.metrics_url, timeout=5) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(f"{name}{{{wanted}}} ") or (not labels and line.startswith(f"{name} ")):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_sse_reaches_extguard_in_chunks_json_in_one(oai, stack, upstream) -> None:  # type: ignore[no-untyped-def]
+    before = scrape(stack, "extguard_extproc_messages_total", kind="response_body")
+    stream = oai.chat.completions.create(
+        model="gpt-4o-mini", messages=user("hi"), stream=True,
+        extra_body={"mock": {"reply": "one two three four five", "chunk_chars": 5, "chunk_delay_ms": 30}},
+    )
+    assert stream_text(stream) == "one two three four five"
+    streamed = scrape(stack, "extguard_extproc_messages_total", kind="response_body") - before
+
+    oai.chat.completions.create(model="gpt-4o-mini", messages=user("one two three four five"))
+    buffered = scrape(stack, "extguard_extproc_messages_total", kind="response_body") - before - streamed
+
+    assert streamed >= 3  # STREAMED mode: Envoy forwards the upstream's SSE chunks one by one
+    assert buffered == 1  # BUFFERED mode: the whole JSON body in one message
+
+
 def test_metrics_count_decisions(stack, oai, upstream) -> None:  # type: ignore[no-untyped-def]
     oai.chat.completions.create(model="gpt-4o-mini", messages=user("to: metrics@example.com"))
     with _DIRECT.open(stack.metrics_url, timeout=5) as response:
@@ -291,3 +317,14 @@ def test_sigterm_lets_stream_in_flight_finish(tmp_path) -> None:  # type: ignore
 
         assert (first.choices[0].delta.content or "") + rest == "one two three four five six"
         assert extguard.wait(timeout=10) == 0
+
+
+def test_logs_hold_no_payload_values(stack) -> None:  # type: ignore[no-untyped-def]
+    # Runs last in this module, after every test above sent its PII, secrets and injections.
+    logs = stack.logs()["extguard"]
+    values = ["kim@example.com", "5555555555554444", "maria.garcia", "AKIAIOSFODNN7EXAMPLE", "ana@example.com",
+              "Ignore previous instructions", "sk-proj-abcdefghij", "lee@example.org", "metrics@example.com"]
+
+    assert "findings under policy" in logs
+    for value in values:
+        assert value not in logs

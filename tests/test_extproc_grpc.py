@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import zlib
 
 import pytest
 
@@ -320,3 +321,49 @@ def test_unexpected_order_still_answered(processor) -> None:  # type: ignore[no-
     replies = processor.exchange(requests)
 
     assert [reply.WhichOneof("response") for reply in replies] == ["response_body", "response_headers", "request_body"]
+
+
+@pytest.mark.parametrize(("failure_mode", "expected"), [("closed", "immediate_response"), ("open", "request_body")])
+def test_internal_error_follows_failure_mode(processor_for, monkeypatch, failure_mode, expected) -> None:  # type: ignore[no-untyped-def]
+    processor = processor_for(POLICY.replace("default:\n", f"default:\n  failure_mode: {failure_mode}\n", 1))
+
+    def broken_guard(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise RuntimeError("detector crashed")
+
+    monkeypatch.setattr("extguard.extproc.exchange.guard_text", broken_guard)
+    replies = processor.exchange([request_headers(), body_message("request_body", chat_body("hi"))])
+
+    assert replies[1].WhichOneof("response") == expected
+    assert processor.metric("extguard_internal_errors_total", {"stage": "request_body", "failure_mode": failure_mode}) == 1
+    if expected == "immediate_response":
+        assert replies[1].immediate_response.status.code == 500
+        assert json.loads(replies[1].immediate_response.body)["error"]["code"] == "extguard_unavailable"
+
+
+def test_gzip_sse_stream_decoded_and_masked(processor) -> None:  # type: ignore[no-untyped-def]
+    compressor = zlib.compressobj(wbits=31)
+    chunks = [compressor.compress(chunk) + compressor.flush(zlib.Z_SYNC_FLUSH) for chunk in sse_chunks(["mail ab", "c@example.com"])]
+    chunks[-1] += compressor.flush()
+    requests = [request_headers(), body_message("request_body", chat_body("hi", stream=True)),
+                response_headers("text/event-stream", **{"content-encoding": "gzip"})]
+    requests += [body_message("response_body", chunk, end_of_stream=i == len(chunks) - 1) for i, chunk in enumerate(chunks)]
+    replies = processor.exchange(requests)
+
+    assert "content-encoding" in replies[2].response_headers.response.header_mutation.remove_headers
+    assert streamed_text(stream_bodies(replies[3:], chunks)) == "mail <EMAIL_ADDRESS>"
+
+
+def test_unsupported_encoding_rejected(processor) -> None:  # type: ignore[no-untyped-def]
+    requests = [request_headers(), body_message("request_body", chat_body("hi")),
+                response_headers("application/json", **{"content-encoding": "br"})]
+    replies = processor.exchange(requests)
+
+    assert replies[2].immediate_response.status.code == 502
+    assert processor.metric("extguard_bad_input_total", {"kind": "unsupported_encoding", "action": "reject"}) == 1
+
+
+def test_accept_encoding_narrowed_to_decodable(processor) -> None:  # type: ignore[no-untyped-def]
+    replies = processor.exchange([request_headers(**{"accept-encoding": "gzip, br, zstd"})])
+
+    mutation = replies[0].request_headers.response.header_mutation
+    assert [(o.header.key, o.header.raw_value) for o in mutation.set_headers] == [("accept-encoding", b"gzip, deflate")]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import traceback
 import zlib
 from collections import Counter
 from dataclasses import dataclass
@@ -106,13 +107,19 @@ class Exchange:
             return ext_proc.ProcessingResponse()
         try:
             return _HANDLERS[kind](self, getattr(request, kind))
-        except Exception:
-            return self._internal_error(kind)
+        except Exception as error:
+            return self._internal_error(kind, error)
 
-    def _internal_error(self, kind: str) -> ext_proc.ProcessingResponse:
+    def _internal_error(self, kind: str, error: Exception) -> ext_proc.ProcessingResponse:
         mode = self.policy.settings.failure_mode
         self.runtime.metrics.internal_errors.labels(kind, mode.value).inc()
-        log.exception("internal error while handling %s (request %s); failure mode %s", kind, self.request_id, mode)
+        # The exception's message may quote payload text, so only its type and place are logged.
+        frames = traceback.extract_tb(error.__traceback__)
+        place = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "unknown"
+        log.error(
+            "internal error %s at %s while handling %s (request %s); failure mode %s",
+            type(error).__name__, place, kind, self.request_id, mode.value,
+        )
         if mode is FailureMode.OPEN:
             return messages.continue_reply(kind)
         message = "extguard could not inspect this request, so it was stopped. Try again later."

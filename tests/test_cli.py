@@ -1,0 +1,46 @@
+"""The `extguard` command line: check-config and serve start-up errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from extguard.testing.stack import EXAMPLE_POLICY
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "extguard", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_check_config_accepts_example() -> None:
+    result = run_cli("check-config", str(EXAMPLE_POLICY))
+
+    assert result.returncode == 0
+    assert "valid" in result.stdout
+
+
+def test_check_config_lists_every_error(tmp_path: Path) -> None:
+    policy = tmp_path / "bad.yaml"
+    policy.write_text("default:\n  on_bad_input: maybe\n  rules:\n    pii: {action: blok}\n", encoding="utf-8")
+    result = run_cli("check-config", str(policy))
+
+    assert result.returncode == 2
+    assert f"{policy}:2: default.on_bad_input" in result.stderr
+    assert f"{policy}:4: default.rules.pii.action" in result.stderr
+
+
+def test_serve_refuses_invalid_policy(tmp_path: Path) -> None:
+    policy = tmp_path / "bad.yaml"
+    policy.write_text("routes: {}\n", encoding="utf-8")
+    result = run_cli("serve", "--config", str(policy), "--listen", "127.0.0.1:0", "--metrics-listen", "off")
+
+    assert result.returncode == 2
+    assert "routes" in result.stderr
+
+
+def test_serve_reports_missing_policy(tmp_path: Path) -> None:
+    result = run_cli("serve", "--config", str(tmp_path / "absent.yaml"), "--metrics-listen", "off")
+
+    assert result.returncode == 2
+    assert "cannot read the file" in result.stderr
