@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gzip
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,9 +16,6 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_gr
 from extguard.extproc.exchange import Runtime
 from extguard.server import GuardServer, ServerSettings, build_runtime
 from extguard.telemetry.metrics import Metrics
-
-DATA = Path(__file__).parent / "data"
-
 
 class ServerThread:
     """A GuardServer running on its own event loop in a background thread."""
@@ -114,7 +110,3 @@ def request_headers(path: str = "/v1/chat/completions", **extra: str) -> ext_pro
 
 def response_headers(content_type: str, **extra: str) -> ext_proc.ProcessingRequest:
     return headers_message("response_headers", {":status": "200", "content-type": content_type, **extra})
-
-
-def gzipped(data: bytes) -> bytes:
-    return gzip.compress(data)

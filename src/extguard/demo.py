@@ -159,7 +159,9 @@ def print_table(outcomes: list[Outcome]) -> None:
             (outcome.request, outcome.extguard_did, outcome.client_got), widths, strict=True)]
         for line in range(max(len(column) for column in columns)):
             cells = [column[line] if line < len(column) else "" for column in columns]
-            mark = ("yes" if outcome.ok else "NO") if line == 0 else ""
+            mark = ""
+            if line == 0:
+                mark = "yes" if outcome.ok else "NO"
             print(" | ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)) + f" | {mark}")
         print(rule)
 

@@ -2,7 +2,7 @@
 
 Envoy opens one Process stream per HTTP request and sends, in order, request_headers,
 request_body, (request_trailers), response_headers, response_body chunks, (response_trailers).
-`Exchange.handle` answers every message with exactly one ProcessingResponse.
+`Exchange.handle` returns exactly one ProcessingResponse for every message.
 
 Processing modes. The shipped Envoy configs buffer request bodies (BUFFERED) and, by default,
 response bodies too. At response_headers the exchange picks the response body mode with a
@@ -38,7 +38,7 @@ from extguard.telemetry.metrics import Metrics
 log = logging.getLogger("extguard.extproc")
 
 # Content codings extguard can decode for scanning. Others are removed from `accept-encoding`
-# on the way upstream, so a provider never answers in a coding extguard cannot read.
+# on the way upstream, so a provider never responds in a coding extguard cannot read.
 DECODABLE_ENCODINGS = ("gzip", "x-gzip", "deflate")
 _ACCEPT_ENCODING = "gzip, deflate"
 
@@ -54,7 +54,7 @@ _JSON_HEADERS = {"content-type": "application/json"}
 
 @dataclass(frozen=True, slots=True)
 class Runtime:
-    """What every exchange shares: the policies, the masker and the metrics. Immutable."""
+    """State shared by all exchanges: the policies, the masker and the metrics. Immutable."""
 
     policies: PolicySet
     masker: Masker
@@ -96,7 +96,7 @@ class Exchange:
     # -- dispatch ------------------------------------------------------------------------------
 
     def handle(self, request: ext_proc.ProcessingRequest) -> ext_proc.ProcessingResponse:
-        """Return the one reply to `request`; never raises."""
+        """Return the one reply to `request`. Handler errors become the failure-mode reply."""
         if request.HasField("protocol_config"):
             self.request_body_mode = request.protocol_config.request_body_mode or self.request_body_mode
             self.response_body_mode = request.protocol_config.response_body_mode or self.response_body_mode
@@ -262,7 +262,7 @@ class Exchange:
             self._problem("unsupported_encoding", "pass")
             return messages.continue_reply("response_headers", _RESPONSE_NONE)
         self._problem("unsupported_encoding", "reject")
-        message = f"The upstream answered with content-encoding {encoding!r}, which extguard cannot inspect."
+        message = f"The upstream responded with content-encoding {encoding!r}, which extguard cannot inspect."
         return self._error_reply(502, message, ERROR_CODE_BAD_INPUT, "extguard_unsupported_encoding")
 
     def on_response_body(self, body: ext_proc.HttpBody) -> ext_proc.ProcessingResponse:
