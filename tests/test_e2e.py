@@ -22,7 +22,7 @@ _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
-    with Stack(policy=EXAMPLE_POLICY) as running:
+    with Stack(policy=EXAMPLE_POLICY, log_level="DEBUG") as running:
         yield running
 
 

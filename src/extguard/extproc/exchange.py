@@ -419,8 +419,10 @@ class Exchange:
         counter = self.runtime.metrics.guard_hits
         for hit in hits:
             counter.labels(direction, hit.rule.name, hit.rule.detector.name, hit.finding.entity_type, hit.rule.action.value).inc()
+        if not log.isEnabledFor(logging.DEBUG):
+            return
         summary = ", ".join(f"{name}={count}" for name, count in sorted(Counter(h.finding.entity_type for h in hits).items()))
-        log.info("request %s %s findings under policy %s: %s", self.request_id, direction, self.policy.name, summary)
+        log.debug("request %s %s findings under policy %s: %s", self.request_id, direction, self.policy.name, summary)
 
     def _problem(self, kind: str, action: str) -> None:
         self.runtime.metrics.bad_input.labels(kind, action).inc()

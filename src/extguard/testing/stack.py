@@ -83,6 +83,7 @@ class Stack:
     guarded: bool = True
     bootstrap: Path | None = None
     envoy_concurrency: int = 1
+    log_level: str = "INFO"  # extguard's log level; DEBUG adds one line per request with findings
     extra_env: dict[str, str] = field(default_factory=dict)
     work_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="extguard-stack-")))
 
@@ -131,6 +132,7 @@ class Stack:
                 "--listen", f"127.0.0.1:{self.extguard_port}",
                 "--metrics-listen", f"127.0.0.1:{self.metrics_port}",
                 "--grace-period-seconds", "2",
+                "--log-level", self.log_level,
             ]  # fmt: skip
             self._spawn("extguard", command)
             self._wait_grpc_health(self.extguard_port, "extguard")
