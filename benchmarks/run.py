@@ -38,20 +38,18 @@ import shlex
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
+import sys
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 import openai
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from extguard.testing.stack import EXAMPLE_POLICY, Stack, envoy_binary, free_port, render_bootstrap
+from extguard.testing.stack import EXAMPLE_POLICY, Stack, envoy_binary
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
@@ -63,7 +61,6 @@ FIGURES_END = "<!-- figures:end -->"
 ENVOY_CONCURRENCY = 1  # one Envoy worker thread, so Envoy and extguard each get about one core
 WRK_THREADS = 1
 WRK_TIMEOUT_SECONDS = 5
-STARTUP_TIMEOUT_SECONDS = 30.0
 CLOCK_TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
 # CPU share of everything but Envoy, extguard and wrk above which the summary flags a load run.
 OTHER_CPU_WARNING_PERCENT = 15
@@ -196,69 +193,6 @@ def describe_machine(load_generator: str) -> list[str]:
 
 
 # --- Processes and metrics ----------------------------------------------------------------------
-
-
-class ProcessGroup:
-    """Child processes with their logs in a temporary folder, stopped on exit (SIGKILL after 5 s).
-
-    The folder is removed after a clean exit and kept for inspection when an exception ends the block.
-    """
-
-    def __init__(self) -> None:
-        self.work_dir = Path(tempfile.mkdtemp(prefix="extguard-bench-"))
-        self.processes: dict[str, subprocess.Popen[bytes]] = {}
-
-    def __enter__(self) -> ProcessGroup:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.terminate()
-        for process in self.processes.values():
-            try:
-                process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        if exc_info[0] is None:
-            shutil.rmtree(self.work_dir, ignore_errors=True)
-
-    def spawn(self, name: str, command: list[str]) -> subprocess.Popen[bytes]:
-        with open(self.work_dir / f"{name}.log", "wb") as log_file:
-            process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        self.processes[name] = process
-        return process
-
-    def raise_if_exited(self, name: str) -> None:
-        process = self.processes[name]
-        if process.poll() is not None:
-            log_tail = (self.work_dir / f"{name}.log").read_text(encoding="utf-8", errors="replace")[-3000:]
-            raise RuntimeError(f"{name} exited with status {process.returncode}:\n{log_tail}")
-
-    def wait_http_ready(self, name: str, url: str) -> None:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
-        while time.monotonic() < deadline:
-            self.raise_if_exited(name)
-            with contextlib.suppress(OSError):
-                with _DIRECT.open(url, timeout=1) as response:
-                    if response.status == 200:
-                        return
-            time.sleep(0.05)
-        raise RuntimeError(f"{name} was not ready at {url} after {STARTUP_TIMEOUT_SECONDS:.0f} s (log in {self.work_dir})")
-
-    def wait_grpc_serving(self, name: str, port: int) -> None:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                self.raise_if_exited(name)
-                with contextlib.suppress(grpc.RpcError):
-                    reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                time.sleep(0.05)
-        raise RuntimeError(f"{name} did not report SERVING on port {port} (log in {self.work_dir})")
 
 
 def process_cpu_seconds(pid: int) -> float:
@@ -490,22 +424,17 @@ class ThroughputResult:
 
 
 def measure_throughput(settings: Settings, load: WrkLoad | PythonLoad, report: Report) -> ThroughputResult:
-    with ProcessGroup() as group:
-        extguard_port, metrics_port = free_port(), free_port()
-        extguard = group.spawn("extguard", [
-            sys.executable, "-m", "extguard", "serve", "--config", str(EXAMPLE_POLICY),
-            "--listen", f"127.0.0.1:{extguard_port}", "--metrics-listen", f"127.0.0.1:{metrics_port}",
-        ])  # fmt: skip
-        group.wait_grpc_serving("extguard", extguard_port)
-        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
-
-        ports = {name: free_port() for name in ("ADMIN_PORT", "UPSTREAM_PORT", "DIRECT_PORT", "GUARDED_PORT")}
-        bootstrap = render_bootstrap(BENCH_BOOTSTRAP, group.work_dir / "envoy.yaml", {**ports, "EXTGUARD_PORT": extguard_port})
-        envoy = group.spawn("envoy", [
-            envoy_binary(), "-c", str(bootstrap), "--disable-hot-restart",
-            "--concurrency", str(ENVOY_CONCURRENCY), "--log-level", "warning",
-        ])  # fmt: skip
-        group.wait_http_ready("envoy", f"http://127.0.0.1:{ports['ADMIN_PORT']}/ready")
+    bench_stack = Stack(
+        policy=EXAMPLE_POLICY,
+        bootstrap=BENCH_BOOTSTRAP,
+        mock_upstream=False,
+        extra_ports=("DIRECT_PORT", "GUARDED_PORT"),
+        envoy_concurrency=ENVOY_CONCURRENCY,
+    )
+    with bench_stack as stack:
+        envoy, extguard = stack.process("envoy"), stack.process("extguard")
+        metrics_url = stack.metrics_url
+        ports = stack.ports
 
         urls = {
             "direct": f"http://127.0.0.1:{ports['DIRECT_PORT']}/v1/chat/completions",

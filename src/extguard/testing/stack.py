@@ -77,6 +77,9 @@ class Stack:
     """Mock upstream, extguard (optional) and Envoy; use as a context manager.
 
     With `guarded=False` Envoy routes straight to the upstream (the benchmark's baseline).
+    With `mock_upstream=False` no mock is started and `UPSTREAM_PORT` is a free port for a
+    bootstrap that serves the upstream itself. `extra_ports` names more placeholders of a custom
+    bootstrap, each given a free port; `ports` maps every placeholder to its value.
     """
 
     policy: Path = EXAMPLE_POLICY
@@ -84,6 +87,8 @@ class Stack:
     bootstrap: Path | None = None
     envoy_concurrency: int = 1
     log_level: str = "INFO"  # extguard's log level; DEBUG adds one line per request with findings
+    mock_upstream: bool = True
+    extra_ports: tuple[str, ...] = ()
     extra_env: dict[str, str] = field(default_factory=dict)
     work_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="extguard-stack-")))
 
@@ -92,6 +97,7 @@ class Stack:
     metrics_port: int = 0
     envoy_port: int = 0
     admin_port: int = 0
+    ports: dict[str, int] = field(default_factory=dict)
     _processes: list[_Process] = field(default_factory=list)
 
     @property
@@ -120,8 +126,9 @@ class Stack:
     def start(self) -> None:
         python = sys.executable
         self.upstream_port = free_port()
-        self._spawn("mock-upstream", [python, "-m", "extguard.testing.mock_upstream", "--port", str(self.upstream_port)])
-        self._wait_http(f"{self.upstream_url}/healthz", "mock-upstream")
+        if self.mock_upstream:
+            self._spawn("mock-upstream", [python, "-m", "extguard.testing.mock_upstream", "--port", str(self.upstream_port)])
+            self._wait_http(f"{self.upstream_url}/healthz", "mock-upstream")
 
         if self.guarded:
             self.extguard_port = free_port()
@@ -140,17 +147,14 @@ class Stack:
         self.envoy_port = free_port()
         self.admin_port = free_port()
         template = self.bootstrap or (GUARDED_BOOTSTRAP if self.guarded else ENVOY_DIR / "passthrough-local.yaml")
-        config = render_bootstrap(
-            template,
-            self.work_dir / "envoy.yaml",
-            {
-                "ADMIN_PORT": self.admin_port,
-                "LISTEN_PORT": self.envoy_port,
-                "EXTGUARD_PORT": self.extguard_port or 1,
-                "UPSTREAM_HOST": "127.0.0.1",
-                "UPSTREAM_PORT": self.upstream_port,
-            },
-        )
+        self.ports = {
+            "ADMIN_PORT": self.admin_port,
+            "LISTEN_PORT": self.envoy_port,
+            "EXTGUARD_PORT": self.extguard_port or 1,
+            "UPSTREAM_PORT": self.upstream_port,
+            **{name: free_port() for name in self.extra_ports},
+        }
+        config = render_bootstrap(template, self.work_dir / "envoy.yaml", {**self.ports, "UPSTREAM_HOST": "127.0.0.1"})
         command = [
             envoy_binary(), "-c", str(config),
             "--disable-hot-restart", "--concurrency", str(self.envoy_concurrency),
