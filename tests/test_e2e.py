@@ -313,6 +313,20 @@ def test_metrics_count_decisions(stack, oai, upstream) -> None:  # type: ignore[
     assert "metrics@example.com" not in text
 
 
+def test_extguard_down_fails_closed(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with Stack(policy=EXAMPLE_POLICY, work_dir=tmp_path) as own:
+        upstream = UpstreamRecord(own.upstream_url)
+        own.process("extguard").terminate()
+        own.process("extguard").wait(timeout=10)
+        client = openai.OpenAI(base_url=f"{own.base_url}/v1", api_key="k", max_retries=0, timeout=20)
+
+        with pytest.raises(openai.InternalServerError) as raised:
+            client.chat.completions.create(model="gpt-4o-mini", messages=user("mail x@example.com"))
+
+        assert raised.value.status_code == 503
+        assert upstream.bodies() == []
+
+
 def test_sigterm_lets_stream_in_flight_finish(tmp_path) -> None:  # type: ignore[no-untyped-def]
     with Stack(policy=EXAMPLE_POLICY, work_dir=tmp_path) as own:
         client = openai.OpenAI(base_url=f"{own.base_url}/v1", api_key="k", max_retries=0, timeout=20)
