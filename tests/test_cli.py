@@ -44,3 +44,19 @@ def test_serve_reports_missing_policy(tmp_path: Path) -> None:
 
     assert result.returncode == 2
     assert "cannot read the file" in result.stderr
+
+
+def test_serve_rejects_invalid_listen_address() -> None:
+    result = run_cli("serve", "--config", str(EXAMPLE_POLICY), "--listen", "nonsense", "--metrics-listen", "off")
+
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        "error: invalid address 'nonsense': expected HOST:PORT with a port from 0 to 65535, such as 127.0.0.1:9464"
+    )
+
+
+def test_serve_rejects_port_only_metrics_address() -> None:
+    result = run_cli("serve", "--config", str(EXAMPLE_POLICY), "--listen", "127.0.0.1:0", "--metrics-listen", "9464")
+
+    assert result.returncode == 1
+    assert "invalid address '9464'" in result.stderr

@@ -116,7 +116,10 @@ def test_every_error_reported_with_location() -> None:
     assert any(e.startswith("policy.yaml:6: default.rules.pii.action:") and "'blok'" in e for e in errors)
     assert any(e.startswith("policy.yaml:10: routes[0].match.path_prefix:") for e in errors)
     assert any(e.startswith("policy.yaml:12: routes[1].colour:") for e in errors)
-    assert len(errors) == 5
+    assert any(e.startswith("policy.yaml:6: default.rules.pii.entities:") and "SHOE_SIZE" in e for e in errors)
+    assert any(e.startswith("policy.yaml:7: default.rules.creditcards:") for e in errors)
+    assert any(e.startswith("policy.yaml:11: routes[1].name: duplicate route name") for e in errors)
+    assert len(errors) == 8
 
 
 def test_semantic_errors_reported_together() -> None:
@@ -141,4 +144,49 @@ def test_yaml_syntax_error() -> None:
     with pytest.raises(PolicyError) as raised:
         parse("default: [unclosed")
 
-    assert raised.value.errors[0].startswith("not valid YAML")
+    assert raised.value.errors == ["policy.yaml:1:19: not valid YAML: expected ',' or ']', but got '<stream end>'"]
+
+
+def test_schema_and_reference_errors_reported_together() -> None:
+    text = """default:
+  rules:
+    pii: {action: blok, entities: [PHONE_NUMBR]}
+    toxicity: {action: block}
+"""
+    with pytest.raises(PolicyError) as raised:
+        parse(text)
+    errors = raised.value.errors
+
+    assert any(e.startswith("policy.yaml:3: default.rules.pii.action:") for e in errors)
+    assert any(e.startswith("policy.yaml:3: default.rules.pii.entities:") and "PHONE_NUMBR" in e for e in errors)
+    assert any(e.startswith("policy.yaml:4: default.rules.toxicity:") for e in errors)
+    assert len(errors) == 3
+
+
+def test_duplicate_key_reported() -> None:
+    with pytest.raises(PolicyError) as raised:
+        parse("default:\n  rules:\n    pii: {action: mask}\n    pii: {action: block}\n")
+
+    assert raised.value.errors == ["policy.yaml:4: default.rules.pii: duplicate key"]
+
+
+def test_empty_entity_list_rejected() -> None:
+    with pytest.raises(PolicyError) as raised:
+        parse("default:\n  rules:\n    pii: {entities: []}\n")
+
+    assert raised.value.errors[0].startswith("policy.yaml:3: default.rules.pii.entities:")
+
+
+def test_route_rule_inherits_custom_detector() -> None:
+    text = """default:
+  rules:
+    cards: {detector: pii, entities: [CREDIT_CARD]}
+routes:
+  - name: strict
+    rules:
+      cards: {action: block, entities: [CREDIT_CARD]}
+"""
+    rule = parse(text).select("/v1/chat/completions", None).request_rules[0]
+
+    assert rule.detector.name == "pii"
+    assert rule.action is Action.BLOCK

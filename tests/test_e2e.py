@@ -324,6 +324,7 @@ def test_extguard_down_fails_closed(tmp_path) -> None:  # type: ignore[no-untype
             client.chat.completions.create(model="gpt-4o-mini", messages=user("mail x@example.com"))
 
         assert raised.value.status_code == 503
+        assert "The gateway could not complete the request (ext_proc_error" in raised.value.message
         assert upstream.bodies() == []
 
 

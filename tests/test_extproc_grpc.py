@@ -9,7 +9,7 @@ import zlib
 import pytest
 
 from extguard.extproc import messages
-from tests.conftest import body_message, request_headers, response_headers, trailers_message
+from tests.conftest import body_message, headers_message, request_headers, response_headers, trailers_message
 
 POLICY = """
 version: 1
@@ -367,3 +367,25 @@ def test_accept_encoding_narrowed_to_decodable(processor) -> None:  # type: igno
 
     mutation = replies[0].request_headers.response.header_mutation
     assert [(o.header.key, o.header.raw_value) for o in mutation.set_headers] == [("accept-encoding", b"gzip, deflate")]
+
+
+def test_empty_post_body_rejected(processor) -> None:  # type: ignore[no-untyped-def]
+    headers = headers_message("request_headers", {":method": "POST", ":path": "/v1/chat/completions"}, end_of_stream=True)
+    replies = processor.exchange([headers])
+
+    assert replies[0].immediate_response.status.code == 400
+    assert processor.metric("extguard_bad_input_total", {"kind": "empty_body", "action": "reject"}) == 1
+
+
+def test_blocked_response_logged_without_value(processor, caplog) -> None:  # type: ignore[no-untyped-def]
+    answer = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "key AKIAIOSFODNN7EXAMPLE"}}]}
+    requests = [request_headers(), body_message("request_body", chat_body("hi")), response_headers("application/json"),
+                body_message("response_body", json.dumps(answer).encode())]
+    with caplog.at_level("INFO", logger="extguard.extproc"):
+        replies = processor.exchange(requests)
+
+    error = json.loads(replies[3].immediate_response.body)["error"]
+    assert replies[3].immediate_response.status.code == 502
+    assert error["type"] == "server_error"
+    assert any("response blocked by policy default: found AWS_ACCESS_KEY_ID (1)" in r.getMessage() for r in caplog.records)
+    assert all("AKIA" not in r.getMessage() for r in caplog.records)

@@ -64,6 +64,7 @@ def test_encode_event() -> None:
 
 def test_openai_request_slots_cover_all_text() -> None:
     payload = {
+        "user": "end-user-7",
         "messages": [
             {"role": "system", "content": "sys"},
             {"role": "user", "content": [{"type": "text", "text": "part"}, {"type": "image_url", "image_url": {"url": "u"}}]},
@@ -75,7 +76,7 @@ def test_openai_request_slots_cover_all_text() -> None:
     slots = openai_request_slots(payload)
 
     assert [(slot.role, slot.text) for slot in slots] == [
-        ("system", "sys"), ("user", "part"), ("assistant", "{}"), ("tool", "result")]
+        ("metadata", "end-user-7"), ("system", "sys"), ("user", "part"), ("assistant", "{}"), ("tool", "result")]
 
 
 def test_slot_set_writes_back() -> None:
@@ -88,6 +89,7 @@ def test_slot_set_writes_back() -> None:
 def test_anthropic_slots_include_system_tool_use_and_results() -> None:
     payload = {
         "system": [{"type": "text", "text": "sys"}],
+        "metadata": {"user_id": "u-1"},
         "messages": [
             {"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "f", "input": {"to": "a", "n": 2}}]},
             {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": "done"}]},
@@ -95,7 +97,8 @@ def test_anthropic_slots_include_system_tool_use_and_results() -> None:
     }
     slots = anthropic_request_slots(payload)
 
-    assert [(slot.role, slot.text) for slot in slots] == [("system", "sys"), ("assistant", "a"), ("tool", "done")]
+    assert [(slot.role, slot.text) for slot in slots] == [
+        ("system", "sys"), ("metadata", "u-1"), ("assistant", "a"), ("tool", "done")]
 
 
 def test_anthropic_response_slots() -> None:

@@ -1,3 +1,3 @@
-"""extguard: a guard for LLM traffic behind Envoy (ext_proc and ext_authz servers)."""
+"""extguard: a guard for LLM traffic behind Envoy, served as a gRPC ext_proc server."""
 
 __version__ = "0.1.0"

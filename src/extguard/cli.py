@@ -16,7 +16,9 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--config", required=True, metavar="POLICY.yaml", help="policy file")
     parser.add_argument("--listen", default="127.0.0.1:50051", help="gRPC host:port (default %(default)s; port 0 picks one)")
     parser.add_argument(
-        "--metrics-listen", default="127.0.0.1:9464", help="Prometheus /metrics host:port, or 'off' (default %(default)s)"
+        "--metrics-listen",
+        default="127.0.0.1:9464",
+        help="Prometheus /metrics host:port (port 0 picks one), or 'off' (default %(default)s)",
     )
     parser.add_argument(
         "--grace-period-seconds",
@@ -24,7 +26,12 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
         default=10.0,
         help="seconds that streams in flight may take to finish after SIGTERM or SIGINT (default %(default)s)",
     )
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log level; DEBUG adds one line per request with the entity types found (default %(default)s)",
+    )
 
 
 def _run_serve(args: argparse.Namespace) -> int:
@@ -49,7 +56,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 def _add_check_config(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("check-config", help="validate a policy file and list every error")
-    parser.add_argument("policy", metavar="POLICY.yaml")
+    parser.add_argument("policy", metavar="POLICY.yaml", help="the policy file to check")
 
 
 def _run_check_config(args: argparse.Namespace) -> int:
@@ -61,10 +68,17 @@ def _run_check_config(args: argparse.Namespace) -> int:
     except PolicyError as error:
         print(error, file=sys.stderr)
         return 2
+    default = policies.default
     routes = ", ".join(route.name for route, _ in policies.routes) or "none"
-    print(f"{args.policy}: valid ({len(policies.default.request_rules)} request rules, "
-          f"{len(policies.default.response_rules)} response rules by default; routes: {routes})")
+    print(
+        f"{args.policy}: valid. Default policy: {_count(len(default.request_rules), 'request rule')}, "
+        f"{_count(len(default.response_rules), 'response rule')}. Routes: {routes}."
+    )
     return 0
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
 def _add_demo(commands: argparse._SubParsersAction) -> None:
@@ -82,7 +96,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 def _add_mock_upstream(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("mock-upstream", help="run the OpenAI/Anthropic-compatible mock upstream")
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
     parser.add_argument("--port", type=int, default=0, help="port; 0 picks a free one (default %(default)s)")
 
 

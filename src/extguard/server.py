@@ -30,7 +30,7 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 @dataclass(frozen=True, slots=True)
 class ServerSettings:
     listen: str = "127.0.0.1:50051"  # host:port of the gRPC server; port 0 picks a free port
-    metrics_listen: str | None = "127.0.0.1:9464"  # host:port of /metrics; None turns it off
+    metrics_listen: str | None = "127.0.0.1:9464"  # host:port of /metrics (port 0 picks one); None: off
     grace_period_seconds: float = 10.0  # how long streams in flight may finish after SIGTERM
 
 
@@ -58,10 +58,14 @@ class GuardServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
 
     async def start(self) -> int:
-        """Bind and start serving; return the bound gRPC port."""
-        self.port = self.server.add_insecure_port(self.settings.listen)
+        """Bind and start serving; return the bound gRPC port. Raise OSError when binding fails."""
+        split_host_port(self.settings.listen)
+        try:
+            self.port = self.server.add_insecure_port(self.settings.listen)
+        except RuntimeError:
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot listen on {self.settings.listen}: the address is in use or invalid")
+            raise OSError(f"cannot listen on {self.settings.listen}: the address is in use or not local")
         await self.server.start()
         for service in ("", EXT_PROC_SERVICE):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -74,18 +78,25 @@ class GuardServer:
         await self.server.stop(self.settings.grace_period_seconds)
 
 
-def _split_host_port(address: str) -> tuple[str, int]:
+def split_host_port(address: str) -> tuple[str, int]:
+    """Split "HOST:PORT" (IPv6 hosts in brackets); raise OSError naming the value when it is invalid."""
     host, _, port = address.rpartition(":")
-    return host.strip("[]") or "0.0.0.0", int(port)
+    host = host.strip("[]")
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise OSError(f"invalid address {address!r}: expected HOST:PORT with a port from 0 to 65535, such as 127.0.0.1:9464")
+    return host, int(port)
 
 
 async def serve(policy_path: str | Path, settings: ServerSettings) -> None:
     """Run until SIGTERM or SIGINT, then drain streams in flight and return."""
     runtime = build_runtime(policy_path)
     if settings.metrics_listen:
-        host, port = _split_host_port(settings.metrics_listen)
-        start_http_server(port, addr=host, registry=runtime.metrics.registry)
-        log.info("metrics on http://%s/metrics", settings.metrics_listen)
+        host, port = split_host_port(settings.metrics_listen)
+        try:
+            metrics_server, _ = start_http_server(port, addr=host, registry=runtime.metrics.registry)
+        except OSError as error:
+            raise OSError(f"cannot serve metrics on {settings.metrics_listen}: {error.strerror or error}") from None
+        log.info("metrics on http://%s:%d/metrics", host, metrics_server.server_port)
 
     server = GuardServer(runtime, settings)
     port = await server.start()

@@ -79,7 +79,7 @@ def load_policy(path: str | Path, detectors: dict[str, Detector]) -> PolicySet:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
-        raise PolicyError(source, [f"cannot read the file: {error}"]) from None
+        raise PolicyError(source, [f"{source}: cannot read the file: {error}"]) from None
     return parse_policy(text, detectors, source=source)
 
 
@@ -87,33 +87,95 @@ def parse_policy(text: str, detectors: dict[str, Detector], *, source: str = "<p
     """Validate and resolve policy YAML text; raise PolicyError listing every error."""
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise PolicyError(source, [f"not valid YAML: {error}"]) from None
-
+        raise PolicyError(source, [_yaml_error(error, source)]) from None
+    data = yaml.safe_load(text) if root is not None else None
     if data is None:
         data = {}
-    lines = _line_numbers(root) if root is not None else {}
+
+    lines: dict[tuple[Any, ...], int] = {}
+    errors: list[str] = []
+    if root is not None:
+        _index_yaml(root, (), lines, errors, source)
+    policy_file: PolicyFile | None = None
     try:
         policy_file = PolicyFile.model_validate(data)
     except ValidationError as error:
-        raise PolicyError(source, [_format_pydantic_error(item, lines, source) for item in error.errors()]) from None
-
-    errors: list[str] = []
-    default = _resolve("default", policy_file.default, detectors, ("default",), lines, source, errors)
-    routes: list[tuple[Route, ResolvedPolicy]] = []
-    for index, route in enumerate(policy_file.routes):
-        merged = _merge_route(policy_file.default, route)
-        resolved = _resolve(route.name, merged, detectors, ("routes", index), lines, source, errors)
-        routes.append((route, resolved))
-    names = [route.name for route in policy_file.routes]
-    for index, name in enumerate(names):
-        if name in names[:index]:
-            errors.append(_located(("routes", index, "name"), lines, source, f"duplicate route name {name!r}"))
-    if errors:
+        errors.extend(_format_pydantic_error(item, lines, source) for item in error.errors())
+    errors.extend(_reference_errors(data, detectors, lines, source))
+    if errors or policy_file is None:
         raise PolicyError(source, errors)
 
+    default = _resolve("default", policy_file.default, detectors)
+    routes = [(route, _resolve(route.name, _merge_route(policy_file.default, route), detectors)) for route in policy_file.routes]
     return PolicySet(default, routes, _hash_key(policy_file.hash_key_env))
+
+
+def _reference_errors(
+    data: Any, detectors: dict[str, Detector], lines: dict[tuple[Any, ...], int], source: str
+) -> list[str]:
+    """Check what the schema cannot: rule-to-detector references, entity types, route names.
+
+    Runs on the raw document, so these errors are reported together with schema errors.
+    """
+    errors: list[str] = []
+    if not isinstance(data, dict):
+        return errors
+    default = data.get("default") if isinstance(data.get("default"), dict) else {}
+    default_rules = default.get("rules") if isinstance(default.get("rules"), dict) else {}
+    inherited: dict[str, str | None] = {}
+    for name, rule in default_rules.items():
+        inherited[name] = _check_rule(name, rule, None, ("default", "rules", name), detectors, lines, source, errors)
+
+    routes = data.get("routes") if isinstance(data.get("routes"), list) else []
+    seen_names: set[str] = set()
+    for index, route in enumerate(routes):
+        if not isinstance(route, dict):
+            continue
+        rules = route.get("rules") if isinstance(route.get("rules"), dict) else {}
+        for name, rule in rules.items():
+            location = ("routes", index, "rules", name)
+            _check_rule(name, rule, inherited.get(name), location, detectors, lines, source, errors)
+        route_name = route.get("name")
+        if isinstance(route_name, str) and route_name in seen_names:
+            errors.append(_located(("routes", index, "name"), lines, source, f"duplicate route name {route_name!r}"))
+        seen_names.add(route_name)
+    return errors
+
+
+def _check_rule(
+    name: Any,
+    rule: Any,
+    inherited_detector: str | None,
+    location: tuple[Any, ...],
+    detectors: dict[str, Detector],
+    lines: dict[tuple[Any, ...], int],
+    source: str,
+    errors: list[str],
+) -> str | None:
+    """Append the reference errors of one rule; return the name of the detector it uses."""
+    fields = rule if isinstance(rule, dict) else {}
+    if "detector" in fields:
+        # An unknown value here is a schema error, already reported.
+        detector_name = fields["detector"] if fields["detector"] in detectors else None
+    else:
+        detector_name = inherited_detector or (name if name in detectors else None)
+        if detector_name is None:
+            known = ", ".join(DETECTOR_NAMES)
+            message = f"rule {name!r} needs `detector:` ({known}) because its name is not a detector"
+            errors.append(_located(location, lines, source, message))
+    if detector_name is None:
+        return None
+
+    entities = fields.get("entities")
+    if isinstance(entities, list):
+        detector = detectors[detector_name]
+        unknown = sorted(str(entity) for entity in entities if entity not in detector.entity_types)
+        if unknown:
+            known = ", ".join(sorted(detector.entity_types))
+            message = f"unknown entity type(s) {', '.join(unknown)} for detector {detector_name!r}; known: {known}"
+            errors.append(_located((*location, "entities"), lines, source, message))
+    return detector_name
 
 
 def _merge_route(default: GuardPolicy, route: Route) -> GuardPolicy:
@@ -130,42 +192,18 @@ def _merge_route(default: GuardPolicy, route: Route) -> GuardPolicy:
     return default.model_copy(update={**fields, "rules": rules})
 
 
-def _resolve(
-    name: str,
-    policy: GuardPolicy,
-    detectors: dict[str, Detector],
-    location: tuple[Any, ...],
-    lines: dict[tuple[Any, ...], int],
-    source: str,
-    errors: list[str],
-) -> ResolvedPolicy:
+def _resolve(name: str, policy: GuardPolicy, detectors: dict[str, Detector]) -> ResolvedPolicy:
+    """Bind the enabled rules of a validated policy to their detectors, per direction."""
     request_rules: list[ScanRule] = []
     response_rules: list[ScanRule] = []
     for rule_name, rule in policy.rules.items():
-        rule_location = (*location, "rules", rule_name)
-        detector_name = rule.detector or rule_name
-        detector = detectors.get(detector_name)
-        if detector is None:
-            known = ", ".join(DETECTOR_NAMES)
-            message = f"rule {rule_name!r} needs `detector:` ({known}) because its name is not a detector"
-            errors.append(_located(rule_location, lines, source, message))
-            continue
-        entity_types = None
-        if rule.entities is not None:
-            entity_types = frozenset(rule.entities)
-            unknown = sorted(entity_types - detector.entity_types)
-            if unknown:
-                known = ", ".join(sorted(detector.entity_types))
-                message = f"unknown entity type(s) {', '.join(unknown)} for detector {detector_name!r}; known: {known}"
-                errors.append(_located((*rule_location, "entities"), lines, source, message))
         if not rule.enabled:
             continue
-
         scan_rule = ScanRule(
             name=rule_name,
-            detector=detector,
+            detector=detectors[rule.detector or rule_name],
             action=rule.action,
-            entity_types=entity_types,
+            entity_types=frozenset(rule.entities) if rule.entities is not None else None,
             score_threshold=rule.score_threshold,
             mask_style=rule.mask_style,
         )
@@ -191,18 +229,35 @@ def _hash_key(env_name: str) -> bytes:
     return secrets.token_bytes(32)
 
 
-def _line_numbers(node: yaml.Node, path: tuple[Any, ...] = ()) -> dict[tuple[Any, ...], int]:
-    """Map each key path of the YAML document to the 1-based line where its value starts."""
-    lines = {path: node.start_mark.line + 1}
+def _index_yaml(
+    node: yaml.Node, path: tuple[Any, ...], lines: dict[tuple[Any, ...], int], errors: list[str], source: str
+) -> None:
+    """Record the 1-based line of every key path, and report keys that appear twice in a mapping.
+
+    PyYAML keeps the last of two equal keys without a word, which hides a typo'd override.
+    """
+    lines.setdefault(path, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
+        seen: set[Any] = set()
         for key_node, value_node in node.value:
-            child = (*path, key_node.value)
-            lines.update(_line_numbers(value_node, child))
+            key = key_node.value
+            child = (*path, key)
+            if key in seen:
+                errors.append(_located(child, {child: key_node.start_mark.line + 1}, source, "duplicate key"))
+            seen.add(key)
             lines[child] = key_node.start_mark.line + 1
+            _index_yaml(value_node, child, lines, errors, source)
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
-            lines.update(_line_numbers(item, (*path, index)))
-    return lines
+            _index_yaml(item, (*path, index), lines, errors, source)
+
+
+def _yaml_error(error: yaml.YAMLError, source: str) -> str:
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error)
+    if mark is None:
+        return f"{source}: not valid YAML: {problem}"
+    return f"{source}:{mark.line + 1}:{mark.column + 1}: not valid YAML: {problem}"
 
 
 def _located(location: tuple[Any, ...], lines: dict[tuple[Any, ...], int], source: str, message: str) -> str:

@@ -56,7 +56,7 @@ class Rule(_Strict):
     enabled: bool = True
     action: Action = Action.MASK
     direction: Direction = Direction.BOTH
-    entities: list[str] | None = None  # None: every entity type of the detector
+    entities: list[str] | None = Field(None, min_length=1)  # None: every entity type of the detector
     score_threshold: Fraction = 0.5
     mask_style: MaskStyle = MaskStyle.PLACEHOLDER
 
@@ -68,7 +68,7 @@ class RuleOverride(_Strict):
     enabled: bool | None = None
     action: Action | None = None
     direction: Direction | None = None
-    entities: list[str] | None = None
+    entities: list[str] | None = Field(None, min_length=1)
     score_threshold: Fraction | None = None
     mask_style: MaskStyle | None = None
 

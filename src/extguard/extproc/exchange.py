@@ -124,7 +124,7 @@ class Exchange:
             return messages.continue_reply(kind)
         message = "extguard could not inspect this request, so it was stopped. Try again later."
         if kind == "response_body" and self.response_kind == "sse":
-            return messages.common_reply(kind, body=self._api().stream_error_event(message, ERROR_CODE_INTERNAL))
+            return messages.common_reply(kind, body=self._api().stream_error_event(500, message, ERROR_CODE_INTERNAL))
         return self._error_reply(500, message, ERROR_CODE_INTERNAL, "extguard_internal_error")
 
     # -- request -------------------------------------------------------------------------------
@@ -142,6 +142,9 @@ class Exchange:
                 message = f"The path {self.path.split('?', 1)[0]!r} is not an LLM API that this gateway serves."
                 return self._error_reply(404, message, "extguard_unknown_path", "extguard_unknown_path")
             return messages.continue_reply("request_headers", _SKIP_RESPONSE)
+
+        if headers.end_of_stream and values.get(":method") == "POST":
+            return self._bad_request_body(BadInput("empty_body"), b"", "request_headers")
 
         accept = values.get("accept-encoding")
         if accept is not None and not _only_decodable(accept):
@@ -179,9 +182,9 @@ class Exchange:
         return self._replace_request_body(payload)
 
     def _request_rules(self, slot: TextSlot) -> tuple[ScanRule, ...]:
-        # The system prompt is the application's own text: it is scanned for PII and secrets,
-        # but not for prompt injection.
-        if slot.role in ("system", "developer"):
+        # The system prompt is the application's own text, and end-user ids are not prose: both
+        # are scanned for PII and secrets, but not for prompt injection.
+        if slot.role in ("system", "developer", "metadata"):
             return tuple(rule for rule in self.policy.request_rules if rule.detector.name != "injection")
         return self.policy.request_rules
 
@@ -199,12 +202,13 @@ class Exchange:
         log.info("request %s blocked by policy %s: %s", self.request_id, self.policy.name, _describe(blocking))
         return self._error_reply(400, message + " Remove that content and try again.", ERROR_CODE_BLOCKED, "extguard_blocked")
 
-    def _bad_request_body(self, error: BadInput, raw: bytes) -> ext_proc.ProcessingResponse:
+    def _bad_request_body(self, error: BadInput, raw: bytes, kind: str = "request_body") -> ext_proc.ProcessingResponse:
         if self.policy.settings.on_bad_input is OnBadInput.PASS:
             self._problem(error.kind, "pass")
-            return messages.continue_reply("request_body")
+            return messages.continue_reply(kind)
         self._problem(error.kind, "reject")
-        return self._error_reply(error.status, _bad_input_message(error.kind, len(raw)), ERROR_CODE_BAD_INPUT, f"extguard_{error.kind}")
+        message = _bad_input_message(error.kind, len(raw), self.policy.settings.max_body_bytes)
+        return self._error_reply(error.status, message, ERROR_CODE_BAD_INPUT, f"extguard_{error.kind}")
 
     # -- response ------------------------------------------------------------------------------
 
@@ -250,8 +254,7 @@ class Exchange:
             return StreamGuard(rules, masker, vault, restore_pseudonyms=bool(vault))
 
         def block_message(blocking: list[Hit]) -> str:
-            self.runtime.metrics.blocked.labels("response", self.policy.name).inc()
-            return f"Response blocked by extguard policy {self.policy.name!r}: {_describe(blocking)}."
+            return self._block_response_message(blocking)
 
         pass_bad = self.policy.settings.on_bad_input is OnBadInput.PASS
         return stream_rewriter_for(self._api(), make_guard, block_message, pass_bad_events=pass_bad)
@@ -284,7 +287,7 @@ class Exchange:
         if chunk is None:
             rewriter.blocked = True
             message = "extguard could not decode the upstream response stream, so it was stopped."
-            return messages.common_reply("response_body", body=self._api().stream_error_event(message, ERROR_CODE_BAD_INPUT))
+            return messages.common_reply("response_body", body=self._api().stream_error_event(502, message, ERROR_CODE_BAD_INPUT))
 
         output = rewriter.feed(chunk)
         if body.end_of_stream:
@@ -330,9 +333,7 @@ class Exchange:
         hits, blocking, changed = self._guard_slots(self._api().response_slots(payload), "response")
         self._record_hits("response", hits)
         if blocking:
-            self.runtime.metrics.blocked.labels("response", self.policy.name).inc()
-            message = f"Response blocked by extguard policy {self.policy.name!r}: {_describe(blocking)}."
-            return self._error_reply(502, message, ERROR_CODE_BLOCKED, "extguard_blocked")
+            return self._error_reply(502, self._block_response_message(blocking), ERROR_CODE_BLOCKED, "extguard_blocked")
         if not changed:
             return messages.common_reply("response_body", body=raw) if streamed else messages.continue_reply("response_body")
 
@@ -343,12 +344,18 @@ class Exchange:
         mutation = messages.header_mutation({"content-length": str(len(new_body))}, remove)
         return messages.common_reply("response_body", body=new_body, headers=mutation)
 
+    def _block_response_message(self, blocking: list[Hit]) -> str:
+        self.runtime.metrics.blocked.labels("response", self.policy.name).inc()
+        log.info("request %s response blocked by policy %s: %s", self.request_id, self.policy.name, _describe(blocking))
+        return f"Response blocked by extguard policy {self.policy.name!r}: {_describe(blocking)}."
+
     def _bad_response_body(self, error: BadInput, raw: bytes, streamed: bool) -> ext_proc.ProcessingResponse:
         if self.policy.settings.on_bad_input is OnBadInput.PASS:
             self._problem(error.kind, "pass")
             return messages.common_reply("response_body", body=raw) if streamed else messages.continue_reply("response_body")
         self._problem(error.kind, "reject")
-        message = "The upstream response could not be inspected by extguard: " + _bad_input_message(error.kind, len(raw))
+        detail = _bad_input_message(error.kind, len(raw), self.policy.settings.max_body_bytes)
+        message = "The upstream response could not be inspected by extguard: " + detail
         return self._error_reply(502, message, ERROR_CODE_BAD_INPUT, f"extguard_{error.kind}")
 
     # -- trailers ------------------------------------------------------------------------------
@@ -475,10 +482,12 @@ def _describe(hits: list[Hit]) -> str:
     return f"found {listing}"
 
 
-def _bad_input_message(kind: str, size: int) -> str:
+def _bad_input_message(kind: str, size: int, limit: int) -> str:
     return {
-        "malformed_json": "The request body is not a valid JSON object.",
-        "invalid_utf8": "The request body is not valid UTF-8.",
-        "body_too_large": f"The body ({size} bytes) is larger than the limit extguard inspects.",
+        "empty_body": "The request body is empty; this API expects a JSON object.",
+        "malformed_json": "The body is not a valid JSON object.",
+        "invalid_utf8": "The body is not valid UTF-8.",
+        "body_too_large": f"The body ({size} bytes, or more once decoded) is larger than extguard's limit of "
+        f"{limit} bytes (max_body_bytes in the policy).",
         "corrupt_encoding": "The body's content-encoding could not be decoded.",
     }.get(kind, "The body could not be read.")

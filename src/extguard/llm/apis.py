@@ -31,32 +31,30 @@ class Api:
     request_slots: Callable[[dict[str, Any]], list[payloads.TextSlot]]
     response_slots: Callable[[dict[str, Any]], list[payloads.TextSlot]]
 
+    def error_document(self, status: int, message: str, code: str) -> dict[str, Any]:
+        """Return the error object this provider sends for an HTTP error of `status`."""
+        if self.kind is ApiKind.ANTHROPIC_MESSAGES:
+            return {"type": "error", "error": {"type": _anthropic_error_type(status), "message": message}}
+        return {"error": {"message": message, "type": _openai_error_type(status), "param": None, "code": code}}
+
     def error_body(self, status: int, message: str, code: str) -> bytes:
         """Return an error body in this provider's format for an HTTP error of `status`."""
-        if self.kind is ApiKind.ANTHROPIC_MESSAGES:
-            document: dict[str, Any] = {
-                "type": "error",
-                "error": {"type": _anthropic_error_type(status), "message": message},
-            }
-        else:
-            document = {"error": {"message": message, "type": _openai_error_type(status), "param": None, "code": code}}
-        return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        return _dumps(self.error_document(status, message, code)).encode("utf-8")
 
-    def stream_error_event(self, message: str, code: str) -> bytes:
-        """Return one SSE event that makes this provider's SDK raise an error mid-stream."""
+    def stream_error_event(self, status: int, message: str, code: str) -> bytes:
+        """Return one SSE event that makes this provider's SDK raise an error mid-stream.
+
+        `status` is the HTTP status the error would have had before streaming began; it picks
+        the error type, as in `error_body`.
+        """
+        data = _dumps(self.error_document(status, message, code))
         if self.kind is ApiKind.ANTHROPIC_MESSAGES:
-            data = json.dumps(
-                {"type": "error", "error": {"type": "invalid_request_error", "message": message}},
-                ensure_ascii=False,
-                separators=(",", ":"),
-            )
             return f"event: error\ndata: {data}\n\n".encode()
-        data = json.dumps(
-            {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}},
-            ensure_ascii=False,
-            separators=(",", ":"),
-        )
         return f"data: {data}\n\n".encode()
+
+
+def _dumps(document: dict[str, Any]) -> str:
+    return json.dumps(document, ensure_ascii=False, separators=(",", ":"))
 
 
 OPENAI_CHAT = Api(

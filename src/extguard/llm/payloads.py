@@ -16,7 +16,7 @@ from typing import Any
 class TextSlot:
     container: dict[str, Any] | list[Any]
     key: str | int
-    role: str  # the message role the text belongs to: system, user, assistant or tool
+    role: str  # the message role of the text (system, developer, user, assistant, tool) or "metadata"
 
     @property
     def text(self) -> str:
@@ -68,7 +68,8 @@ def _text_parts(container: dict[str, Any], key: str, role: str) -> Iterator[Text
 
 
 def openai_request_slots(payload: dict[str, Any]) -> list[TextSlot]:
-    slots: list[TextSlot] = []
+    # `user` identifies the end user to the provider and is often an e-mail address.
+    slots = [TextSlot(payload, "user", "metadata")] if isinstance(payload.get("user"), str) else []
     for message in payload.get("messages") or ():
         if not isinstance(message, dict):
             continue
@@ -105,6 +106,9 @@ def _openai_tool_call_slots(tool_calls: Any, role: str) -> Iterator[TextSlot]:
 
 def anthropic_request_slots(payload: dict[str, Any]) -> list[TextSlot]:
     slots = list(_text_parts(payload, "system", "system"))
+    metadata = payload.get("metadata")
+    if isinstance(metadata, dict) and isinstance(metadata.get("user_id"), str):
+        slots.append(TextSlot(metadata, "user_id", "metadata"))
     for message in payload.get("messages") or ():
         if isinstance(message, dict):
             slots.extend(_text_parts(message, "content", str(message.get("role") or "user")))

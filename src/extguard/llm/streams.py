@@ -107,7 +107,7 @@ class StreamRewriter:
             self.max_held_chars = chunk.held_chars
         if chunk.blocking:
             self.blocked = True
-            raise _Blocked(self.api.stream_error_event(self._block_message(chunk.blocking), ERROR_CODE_BLOCKED))
+            raise _Blocked(self.api.stream_error_event(502, self._block_message(chunk.blocking), ERROR_CODE_BLOCKED))
         return chunk.text
 
     def _flush_channels(self, wanted: Callable[[Hashable], bool]) -> bytes:
@@ -124,7 +124,7 @@ class StreamRewriter:
             return b""
         self.blocked = True
         message = "extguard could not read the upstream response stream, so it was stopped."
-        return self.api.stream_error_event(message, ERROR_CODE_BAD_INPUT)
+        return self.api.stream_error_event(502, message, ERROR_CODE_BAD_INPUT)
 
 
 class OpenAiStreamRewriter(StreamRewriter):

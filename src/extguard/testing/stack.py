@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import string
 import subprocess
@@ -90,15 +91,24 @@ class Stack:
     mock_upstream: bool = True
     extra_ports: tuple[str, ...] = ()
     extra_env: dict[str, str] = field(default_factory=dict)
-    work_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="extguard-stack-")))
+    # Logs and the rendered bootstrap. A folder the stack creates itself is removed by stop()
+    # unless a process failed to start, so its logs can be read.
+    work_dir: Path | None = None
 
-    upstream_port: int = 0
-    extguard_port: int = 0
-    metrics_port: int = 0
-    envoy_port: int = 0
-    admin_port: int = 0
-    ports: dict[str, int] = field(default_factory=dict)
-    _processes: list[_Process] = field(default_factory=list)
+    upstream_port: int = field(default=0, init=False)
+    extguard_port: int = field(default=0, init=False)
+    metrics_port: int = field(default=0, init=False)
+    envoy_port: int = field(default=0, init=False)
+    admin_port: int = field(default=0, init=False)
+    ports: dict[str, int] = field(default_factory=dict, init=False)
+    _processes: list[_Process] = field(default_factory=list, init=False)
+    _owns_work_dir: bool = field(default=False, init=False)
+    _keep_work_dir: bool = field(default=False, init=False)
+
+    def __post_init__(self) -> None:
+        if self.work_dir is None:
+            self.work_dir = Path(tempfile.mkdtemp(prefix="extguard-stack-"))
+            self._owns_work_dir = True
 
     @property
     def base_url(self) -> str:
@@ -116,6 +126,7 @@ class Stack:
         try:
             self.start()
         except BaseException:
+            self._keep_work_dir = True
             self.stop()
             raise
         return self
@@ -175,6 +186,8 @@ class Stack:
                 process.popen.kill()
                 process.popen.wait()
         self._processes.clear()
+        if self._owns_work_dir and not self._keep_work_dir:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
 
     def logs(self) -> dict[str, str]:
         """Return the full log of each process, for tests that inspect what was logged."""
@@ -197,7 +210,9 @@ class Stack:
     def _check_alive(self, name: str) -> None:
         process = self._process(name)
         if process.popen.poll() is not None:
-            raise StackError(f"{name} exited with status {process.popen.returncode}:\n{process.log_tail()}")
+            raise StackError(
+                f"{name} exited with status {process.popen.returncode} (logs in {self.work_dir}):\n{process.log_tail()}"
+            )
 
     def _wait_http(self, url: str, name: str) -> None:
         deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
