@@ -465,7 +465,9 @@ def measure_throughput(settings: Settings, load: WrkLoad | PythonLoad, report: R
                              "load generator": load.cpu_seconds(), "machine": machine_busy_cpu_seconds()}
                 cpu_percent = {name: 100 * (cpu_after[name] - cpu_before[name]) / wall for name in cpu_before}
                 # Other sessions on the machine compete for the same cores, and their share shows here.
-                cpu_percent["other"] = cpu_percent.pop("machine") - sum(cpu_percent.values())
+                # The per-process and machine-wide samples are taken a moment apart, so a small
+                # negative remainder means an idle machine.
+                cpu_percent["other"] = max(0.0, cpu_percent.pop("machine") - sum(cpu_percent.values()))
                 time.sleep(SETTLE_SECONDS)
                 metrics_after = read_metrics(metrics_url)
 
