@@ -8,7 +8,7 @@ Processing modes. The shipped Envoy configs buffer request bodies (BUFFERED) and
 response bodies too. At response_headers the exchange picks the response body mode with a
 `mode_override` (the filter must set `allow_mode_override: true`):
 - `text/event-stream` of a known API: STREAMED, rewritten event by event (`llm.streams`);
-- JSON of a known API: BUFFERED, so a blocked answer can still become a proper HTTP error;
+- JSON of a known API: BUFFERED, so a blocked response can still become a proper HTTP error;
 - anything else: NONE, so the body never reaches extguard.
 """
 
@@ -139,7 +139,8 @@ class Exchange:
 
         if self.api is None:
             if self.policy.settings.block_unrecognized_paths:
-                message = f"The path {self.path.split('?', 1)[0]!r} is not an LLM API that this gateway serves."
+                path = self.path.split("?", 1)[0]
+                message = f"The path {path!r} is not an LLM API that this gateway serves."
                 return self._error_reply(404, message, "extguard_unknown_path", "extguard_unknown_path")
             return messages.continue_reply("request_headers", _SKIP_RESPONSE)
 

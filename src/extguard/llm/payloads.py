@@ -1,8 +1,9 @@
 """Where the text lives in LLM request and response payloads, and how to write it back.
 
 A `TextSlot` points at one string inside a parsed JSON payload (a dict key or list index).
-Scanning reads `slot.text`; masking writes `slot.set(new_text)` and the caller re-serializes the
-payload, so everything that is not text (ids, numbers, tool schemas) is left as it was.
+Scanning reads `slot.text`, and masking writes `slot.set(new_text)`. The caller then
+re-serializes the payload, so everything that is not text (ids, numbers, tool schemas) is left
+as it was.
 """
 
 from __future__ import annotations
