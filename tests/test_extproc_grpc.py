@@ -22,6 +22,9 @@ routes:
   - name: lenient
     match: {path_prefix: /lenient/}
     on_bad_input: pass
+  - name: strict
+    match: {path_prefix: /strict/}
+    block_unrecognized_paths: true
   - name: pseudo
     match: {models: ["pseudo-*"]}
     rules:
@@ -389,3 +392,13 @@ def test_blocked_response_logged_without_value(processor, caplog) -> None:  # ty
     assert error["type"] == "server_error"
     assert any("response blocked by policy default: found AWS_ACCESS_KEY_ID (1)" in r.getMessage() for r in caplog.records)
     assert all("AKIA" not in r.getMessage() for r in caplog.records)
+
+
+def test_unrecognized_path_blocked_when_route_says_so(processor) -> None:  # type: ignore[no-untyped-def]
+    replies = processor.exchange([request_headers("/strict/v1/files?purpose=x")])
+
+    immediate = replies[0].immediate_response
+    assert immediate.status.code == 404
+    assert json.loads(immediate.body)["error"]["message"] == (
+        "The path '/strict/v1/files' is not an LLM API that this gateway serves."
+    )
