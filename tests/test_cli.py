@@ -51,7 +51,7 @@ def test_serve_rejects_invalid_listen_address() -> None:
 
     assert result.returncode == 1
     assert result.stderr.strip() == (
-        "error: invalid address 'nonsense': expected HOST:PORT with a port from 0 to 65535, such as 127.0.0.1:9464"
+        "error: --listen: invalid address 'nonsense': expected HOST:PORT with a port from 0 to 65535"
     )
 
 
@@ -59,4 +59,4 @@ def test_serve_rejects_port_only_metrics_address() -> None:
     result = run_cli("serve", "--config", str(EXAMPLE_POLICY), "--listen", "127.0.0.1:0", "--metrics-listen", "9464")
 
     assert result.returncode == 1
-    assert "invalid address '9464'" in result.stderr
+    assert "error: --metrics-listen: invalid address '9464'" in result.stderr

@@ -286,19 +286,21 @@ def scrape(stack: Stack, name: str, **labels: str) -> float:
 
 
 def test_sse_reaches_extguard_in_chunks_json_in_one(oai, stack, upstream) -> None:  # type: ignore[no-untyped-def]
+    # The JSON request goes first: the last chunk of a stream may be counted just after the
+    # client has read [DONE], and it must not land in the JSON request's count.
     before = scrape(stack, "extguard_extproc_messages_total", kind="response_body")
+    oai.chat.completions.create(model="gpt-4o-mini", messages=user("one two three four five"))
+    buffered = scrape(stack, "extguard_extproc_messages_total", kind="response_body") - before
+
     stream = oai.chat.completions.create(
         model="gpt-4o-mini", messages=user("hi"), stream=True,
         extra_body={"mock": {"reply": "one two three four five", "chunk_chars": 5, "chunk_delay_ms": 30}},
     )
     assert stream_text(stream) == "one two three four five"
-    streamed = scrape(stack, "extguard_extproc_messages_total", kind="response_body") - before
+    streamed = scrape(stack, "extguard_extproc_messages_total", kind="response_body") - before - buffered
 
-    oai.chat.completions.create(model="gpt-4o-mini", messages=user("one two three four five"))
-    buffered = scrape(stack, "extguard_extproc_messages_total", kind="response_body") - before - streamed
-
-    assert streamed >= 3  # STREAMED mode: Envoy forwards the upstream's SSE chunks one by one
     assert buffered == 1  # BUFFERED mode: the whole JSON body in one message
+    assert streamed >= 3  # STREAMED mode: Envoy forwards the upstream's SSE chunks one by one
 
 
 def test_metrics_count_decisions(stack, oai, upstream) -> None:  # type: ignore[no-untyped-def]
@@ -324,7 +326,8 @@ def test_extguard_down_fails_closed(tmp_path) -> None:  # type: ignore[no-untype
             client.chat.completions.create(model="gpt-4o-mini", messages=user("mail x@example.com"))
 
         assert raised.value.status_code == 503
-        assert "The gateway could not complete the request (ext_proc_error" in raised.value.message
+        assert raised.value.message.endswith("The gateway could not complete the request. Retry later.")
+        assert raised.value.body["details"].startswith("ext_proc_error")
         assert upstream.bodies() == []
 
 

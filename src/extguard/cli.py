@@ -74,6 +74,11 @@ def _run_check_config(args: argparse.Namespace) -> int:
         f"{args.policy}: valid. Default policy: {_count(len(default.request_rules), 'request rule')}, "
         f"{_count(len(default.response_rules), 'response rule')}. Routes: {routes}."
     )
+    if policies.hash_key_is_random and policies.uses_hash_masks:
+        print(
+            f"note: {policies.hash_key_env} is not set here, so hash mask tokens would use a random key "
+            "that changes on every restart and differs between replicas."
+        )
     return 0
 
 

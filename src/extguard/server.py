@@ -59,13 +59,13 @@ class GuardServer:
 
     async def start(self) -> int:
         """Bind and start serving; return the bound gRPC port. Raise OSError when binding fails."""
-        split_host_port(self.settings.listen)
+        split_host_port(self.settings.listen, "--listen")
         try:
             self.port = self.server.add_insecure_port(self.settings.listen)
         except RuntimeError:
             self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot listen on {self.settings.listen}: the address is in use or not local")
+            raise OSError(f"--listen: cannot listen on {self.settings.listen}: the address is in use or not local")
         await self.server.start()
         for service in ("", EXT_PROC_SERVICE):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -78,30 +78,39 @@ class GuardServer:
         await self.server.stop(self.settings.grace_period_seconds)
 
 
-def split_host_port(address: str) -> tuple[str, int]:
-    """Split "HOST:PORT" (IPv6 hosts in brackets); raise OSError naming the value when it is invalid."""
+def split_host_port(address: str, option: str = "address") -> tuple[str, int]:
+    """Split "HOST:PORT" (IPv6 hosts in brackets); raise OSError naming `option` when it is invalid."""
     host, _, port = address.rpartition(":")
     host = host.strip("[]")
     if not host or not port.isdigit() or int(port) > 65535:
-        raise OSError(f"invalid address {address!r}: expected HOST:PORT with a port from 0 to 65535, such as 127.0.0.1:9464")
+        raise OSError(f"{option}: invalid address {address!r}: expected HOST:PORT with a port from 0 to 65535")
     return host, int(port)
 
 
 async def serve(policy_path: str | Path, settings: ServerSettings) -> None:
     """Run until SIGTERM or SIGINT, then drain streams in flight and return."""
-    runtime = build_runtime(policy_path)
+    split_host_port(settings.listen, "--listen")
     if settings.metrics_listen:
-        host, port = split_host_port(settings.metrics_listen)
-        try:
-            metrics_server, _ = start_http_server(port, addr=host, registry=runtime.metrics.registry)
-        except OSError as error:
-            raise OSError(f"cannot serve metrics on {settings.metrics_listen}: {error.strerror or error}") from None
-        log.info("metrics on http://%s:%d/metrics", host, metrics_server.server_port)
+        metrics_host, metrics_port = split_host_port(settings.metrics_listen, "--metrics-listen")
+    runtime = build_runtime(policy_path)
+    if runtime.policies.hash_key_is_random and runtime.policies.uses_hash_masks:
+        log.warning(
+            "%s is not set, so the hash mask style uses a random key: its tokens change on every restart "
+            "and differ between replicas",
+            runtime.policies.hash_key_env,
+        )
 
     server = GuardServer(runtime, settings)
     port = await server.start()
     host = settings.listen.rpartition(":")[0]
     log.info("ext_proc server listening on %s:%d (policy %s)", host, port, policy_path)
+    if settings.metrics_listen:
+        try:
+            metrics_server, _ = start_http_server(metrics_port, addr=metrics_host, registry=runtime.metrics.registry)
+        except OSError as error:
+            await server.stop()
+            raise OSError(f"--metrics-listen: cannot serve metrics on {settings.metrics_listen}: {error.strerror or error}") from None
+        log.info("metrics on http://%s:%d/metrics", metrics_host, metrics_server.server_port)
 
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -52,10 +52,28 @@ class ResolvedPolicy:
 class PolicySet:
     """The resolved default policy and routes, matched by path prefix and model."""
 
-    def __init__(self, default: ResolvedPolicy, routes: list[tuple[Route, ResolvedPolicy]], hash_key: bytes):
+    def __init__(
+        self,
+        default: ResolvedPolicy,
+        routes: list[tuple[Route, ResolvedPolicy]],
+        hash_key: bytes,
+        hash_key_env: str,
+        hash_key_is_random: bool,
+    ) -> None:
         self.default = default
         self.routes = routes
         self.hash_key = hash_key
+        self.hash_key_env = hash_key_env
+        self.hash_key_is_random = hash_key_is_random  # the variable was unset, so a random key was drawn
+
+    @property
+    def uses_hash_masks(self) -> bool:
+        policies = [self.default, *(resolved for _, resolved in self.routes)]
+        return any(
+            rule.mask_style is MaskStyle.HASH
+            for policy in policies
+            for rule in (*policy.request_rules, *policy.response_rules)
+        )
 
     def select(self, path: str, model: str | None) -> ResolvedPolicy:
         """Return the policy of the first route matching `path` and `model`, else the default.
@@ -108,7 +126,10 @@ def parse_policy(text: str, detectors: dict[str, Detector], *, source: str = "<p
 
     default = _resolve("default", policy_file.default, detectors)
     routes = [(route, _resolve(route.name, _merge_route(policy_file.default, route), detectors)) for route in policy_file.routes]
-    return PolicySet(default, routes, _hash_key(policy_file.hash_key_env))
+    env_name = policy_file.hash_key_env
+    configured_key = os.environ.get(env_name)
+    hash_key = configured_key.encode("utf-8") if configured_key else secrets.token_bytes(32)
+    return PolicySet(default, routes, hash_key, env_name, hash_key_is_random=not configured_key)
 
 
 def _reference_errors(
@@ -220,13 +241,6 @@ def _resolve(name: str, policy: GuardPolicy, detectors: dict[str, Detector]) -> 
 
 def _fields(rule: ScanRule) -> dict[str, Any]:
     return {name: getattr(rule, name) for name in ScanRule.__slots__}
-
-
-def _hash_key(env_name: str) -> bytes:
-    value = os.environ.get(env_name)
-    if value:
-        return value.encode("utf-8")
-    return secrets.token_bytes(32)
 
 
 def _index_yaml(
