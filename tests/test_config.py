@@ -6,8 +6,8 @@ import pytest
 
 from extguard.config.loader import PolicyError, parse_policy
 from extguard.scan.detectors import default_detectors
-from extguard.scan.engine import Action
-from extguard.scan.redact import MaskStyle
+from extguard.scan.engine import Action, guard_text
+from extguard.scan.redact import Masker, MaskStyle
 
 VALID = """
 version: 1
@@ -190,3 +190,24 @@ routes:
 
     assert rule.detector.name == "pii"
     assert rule.action is Action.BLOCK
+
+
+def test_allow_list_skips_listed_values() -> None:
+    text = """default:
+  allow:
+    values: [support@example.com]
+    patterns: ['.*@test\\.invalid']
+  rules:
+    pii: {action: mask}
+"""
+    rules = parse(text).default.request_rules
+    result = guard_text("a support@example.com b x@test.invalid c bob@example.com", rules, Masker(b"k"), None)
+
+    assert result.text == "a support@example.com b x@test.invalid c <EMAIL_ADDRESS>"
+
+
+def test_allow_list_invalid_pattern_reported() -> None:
+    with pytest.raises(PolicyError) as raised:
+        parse("default:\n  allow:\n    patterns: ['(unclosed']\n")
+
+    assert raised.value.errors[0].startswith("policy.yaml:3: default.allow.patterns:")

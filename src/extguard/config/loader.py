@@ -20,7 +20,7 @@ from extguard.config.policy import (
     Route,
     Rule,
 )
-from extguard.scan.engine import Action, ScanRule
+from extguard.scan.engine import Action, AllowList, ScanRule
 from extguard.scan.findings import Detector
 from extguard.scan.redact import MaskStyle
 
@@ -202,7 +202,7 @@ def _check_rule(
 def _merge_route(default: GuardPolicy, route: Route) -> GuardPolicy:
     fields = {
         name: getattr(route, name)
-        for name in ("on_bad_input", "failure_mode", "max_body_bytes", "block_unrecognized_paths")
+        for name in ("on_bad_input", "failure_mode", "max_body_bytes", "block_unrecognized_paths", "allow")
         if getattr(route, name) is not None
     }
     rules = dict(default.rules)
@@ -217,10 +217,12 @@ def _resolve(name: str, policy: GuardPolicy, detectors: dict[str, Detector]) -> 
     """Bind the enabled rules of a validated policy to their detectors, per direction."""
     request_rules: list[ScanRule] = []
     response_rules: list[ScanRule] = []
+    allow = AllowList(policy.allow.values, policy.allow.patterns) or None
     for rule_name, rule in policy.rules.items():
         if not rule.enabled:
             continue
         scan_rule = ScanRule(
+            allow=allow,
             name=rule_name,
             detector=detectors[rule.detector or rule_name],
             action=rule.action,

@@ -8,6 +8,7 @@ default rules by rule name, field by field.
 from __future__ import annotations
 
 import enum
+import re
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -73,6 +74,23 @@ class RuleOverride(_Strict):
     mask_style: MaskStyle | None = None
 
 
+class Allow(_Strict):
+    """Values and regular expressions that are never flagged (each must match a whole finding)."""
+
+    values: list[str] = Field(default_factory=list)
+    patterns: list[str] = Field(default_factory=list)
+
+    @field_validator("patterns")
+    @classmethod
+    def _compiles(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(f"pattern {pattern!r} is not a valid regular expression: {error}") from None
+        return patterns
+
+
 class GuardPolicy(_Strict):
     """The settings that apply to one request once its route is known."""
 
@@ -80,6 +98,7 @@ class GuardPolicy(_Strict):
     failure_mode: FailureMode = FailureMode.CLOSED
     max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, gt=0)
     block_unrecognized_paths: bool = False  # True: reject paths that are not a known LLM API
+    allow: Allow = Field(default_factory=Allow)
     rules: dict[str, Rule] = Field(default_factory=dict)
 
 
@@ -104,6 +123,7 @@ class Route(_Strict):
     failure_mode: FailureMode | None = None
     max_body_bytes: int | None = Field(None, gt=0)
     block_unrecognized_paths: bool | None = None
+    allow: Allow | None = None  # replaces the default allow-list
     rules: dict[str, RuleOverride] = Field(default_factory=dict)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -17,6 +18,27 @@ class Action(enum.StrEnum):
     BLOCK = "block"
     MASK = "mask"
     LOG = "log"
+
+
+class AllowList:
+    """Values and patterns a policy never flags, whatever the detector found.
+
+    Values compare case-insensitively with the matched text; patterns must match all of it.
+    """
+
+    __slots__ = ("_values", "_pattern")
+
+    def __init__(self, values: Sequence[str] = (), patterns: Sequence[str] = ()) -> None:
+        self._values = frozenset(value.casefold() for value in values)
+        self._pattern = re.compile("|".join(f"(?:{pattern})" for pattern in patterns)) if patterns else None
+
+    def __bool__(self) -> bool:
+        return bool(self._values) or self._pattern is not None
+
+    def allows(self, value: str) -> bool:
+        if value.casefold() in self._values:
+            return True
+        return self._pattern is not None and self._pattern.fullmatch(value) is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +57,7 @@ class ScanRule:
     entity_types: frozenset[str] | None = None
     score_threshold: float = 0.0
     mask_style: MaskStyle = MaskStyle.PLACEHOLDER
+    allow: AllowList | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.score_threshold <= 1.0:
@@ -112,7 +135,10 @@ def collect_hits(text: str, rules: Sequence[ScanRule]) -> list[Hit]:
         findings = findings_by_detector.get(id(rule.detector))
         if findings is None:
             findings = findings_by_detector[id(rule.detector)] = rule.detector.scan(text)
-        hits.extend(Hit(rule, finding) for finding in findings if rule.accepts(finding))
+        allow = rule.allow
+        for finding in findings:
+            if rule.accepts(finding) and not (allow and allow.allows(text[finding.start : finding.end])):
+                hits.append(Hit(rule, finding))
 
     # The sort is stable, so equal starts keep rule order.
     hits.sort(key=_hit_start)
