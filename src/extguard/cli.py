@@ -36,6 +36,7 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
 
 def _run_serve(args: argparse.Namespace) -> int:
     from extguard.config.loader import PolicyError
+    from extguard.scan.deep import DeepEngineError
     from extguard.server import ServerSettings, serve
 
     settings = ServerSettings(
@@ -48,7 +49,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     except PolicyError as error:
         print(error, file=sys.stderr)
         return 2
-    except OSError as error:
+    except (OSError, DeepEngineError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0
@@ -111,9 +112,35 @@ def _run_mock_upstream(args: argparse.Namespace) -> int:
     return mock_main(["--host", args.host, "--port", str(args.port)])
 
 
+def _add_scan(commands: argparse._SubParsersAction) -> None:
+    from extguard.scan.cli_scan import add_scan_parser
+
+    add_scan_parser(commands)
+
+
+def _run_scan(args: argparse.Namespace) -> int:
+    from extguard.scan.cli_scan import run_scan
+
+    return run_scan(args)
+
+
+def _add_eval(commands: argparse._SubParsersAction) -> None:
+    from extguard.scan.cli_scan import add_eval_parser
+
+    add_eval_parser(commands)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from extguard.scan.cli_scan import run_eval
+
+    return run_eval(args)
+
+
 _COMMANDS = {
     "serve": (_add_serve, _run_serve),
     "check-config": (_add_check_config, _run_check_config),
+    "scan": (_add_scan, _run_scan),
+    "eval": (_add_eval, _run_eval),
     "demo": (_add_demo, _run_demo),
     "mock-upstream": (_add_mock_upstream, _run_mock_upstream),
 }

@@ -58,8 +58,14 @@ class GuardServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
 
     async def start(self) -> int:
-        """Bind and start serving; return the bound gRPC port. Raise OSError when binding fails."""
+        """Load the deep engines the policy uses, bind and start serving; return the bound gRPC port.
+
+        Raise OSError when binding fails and DeepEngineError when an engine cannot load.
+        """
         split_host_port(self.settings.listen, "--listen")
+        for engine in self.runtime.policies.deep_detectors():
+            log.info("starting deep engine %s", engine.name)
+            await engine.start()
         try:
             self.port = self.server.add_insecure_port(self.settings.listen)
         except RuntimeError:
@@ -76,6 +82,8 @@ class GuardServer:
         for service in ("", EXT_PROC_SERVICE):
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.stop(self.settings.grace_period_seconds)
+        for engine in self.runtime.policies.deep_detectors():
+            engine.close()
 
 
 def split_host_port(address: str, option: str = "address") -> tuple[str, int]:

@@ -14,13 +14,16 @@ from pydantic import ValidationError
 
 from extguard.config.policy import (
     DETECTOR_NAMES,
+    DeepEngines,
     Direction,
     GuardPolicy,
+    PresidioEngineSettings,
     PolicyFile,
     Route,
     Rule,
 )
 from extguard.scan.engine import Action, AllowList, ScanRule
+from extguard.scan.deep_detector import LLM_GUARD_ENTITY_TYPES, PRESIDIO_ENTITY_TYPES, DeepDetector, is_deep
 from extguard.scan.findings import Detector
 from extguard.scan.redact import MaskStyle
 
@@ -43,6 +46,8 @@ class ResolvedPolicy:
     settings: GuardPolicy
     request_rules: tuple[ScanRule, ...]
     response_rules: tuple[ScanRule, ...]
+    stream_rules: tuple[ScanRule, ...]  # response rules for SSE streams: inline detectors only
+    uses_deep_engines: bool
 
     @property
     def uses_pseudonyms(self) -> bool:
@@ -65,6 +70,15 @@ class PolicySet:
         self.hash_key = hash_key
         self.hash_key_env = hash_key_env
         self.hash_key_is_random = hash_key_is_random  # the variable was unset, so a random key was drawn
+
+    def deep_detectors(self) -> list[DeepDetector]:
+        """Return the deep engines that some enabled rule uses, each once."""
+        used: dict[int, DeepDetector] = {}
+        for policy in [self.default, *(resolved for _, resolved in self.routes)]:
+            for rule in (*policy.request_rules, *policy.response_rules):
+                if is_deep(rule.detector):
+                    used[id(rule.detector)] = rule.detector  # type: ignore[assignment]
+        return list(used.values())
 
     @property
     def uses_hash_masks(self) -> bool:
@@ -120,7 +134,10 @@ def parse_policy(text: str, detectors: dict[str, Detector], *, source: str = "<p
         policy_file = PolicyFile.model_validate(data)
     except ValidationError as error:
         errors.extend(_format_pydantic_error(item, lines, source) for item in error.errors())
-    errors.extend(_reference_errors(data, detectors, lines, source))
+    engines = policy_file.deep_engines if policy_file is not None else DeepEngines()
+    detectors = {**detectors, **_deep_detectors(engines)}
+    unavailable = {} if engines.llm_guard else {"llm_guard": "needs `deep_engines.llm_guard.model_path` at the top level"}
+    errors.extend(_reference_errors(data, detectors, unavailable, lines, source))
     if errors or policy_file is None:
         raise PolicyError(source, errors)
 
@@ -133,7 +150,11 @@ def parse_policy(text: str, detectors: dict[str, Detector], *, source: str = "<p
 
 
 def _reference_errors(
-    data: Any, detectors: dict[str, Detector], lines: dict[tuple[Any, ...], int], source: str
+    data: Any,
+    detectors: dict[str, Detector],
+    unavailable: dict[str, str],
+    lines: dict[tuple[Any, ...], int],
+    source: str,
 ) -> list[str]:
     """Check what the schema cannot: rule-to-detector references, entity types, route names.
 
@@ -146,7 +167,8 @@ def _reference_errors(
     default_rules = default.get("rules") if isinstance(default.get("rules"), dict) else {}
     inherited: dict[str, str | None] = {}
     for name, rule in default_rules.items():
-        inherited[name] = _check_rule(name, rule, None, ("default", "rules", name), detectors, lines, source, errors)
+        location = ("default", "rules", name)
+        inherited[name] = _check_rule(name, rule, None, location, detectors, unavailable, lines, source, errors)
 
     routes = data.get("routes") if isinstance(data.get("routes"), list) else []
     seen_names: set[str] = set()
@@ -156,7 +178,7 @@ def _reference_errors(
         rules = route.get("rules") if isinstance(route.get("rules"), dict) else {}
         for name, rule in rules.items():
             location = ("routes", index, "rules", name)
-            _check_rule(name, rule, inherited.get(name), location, detectors, lines, source, errors)
+            _check_rule(name, rule, inherited.get(name), location, detectors, unavailable, lines, source, errors)
         route_name = route.get("name")
         if isinstance(route_name, str) and route_name in seen_names:
             errors.append(_located(("routes", index, "name"), lines, source, f"duplicate route name {route_name!r}"))
@@ -170,6 +192,7 @@ def _check_rule(
     inherited_detector: str | None,
     location: tuple[Any, ...],
     detectors: dict[str, Detector],
+    unavailable: dict[str, str],
     lines: dict[tuple[Any, ...], int],
     source: str,
     errors: list[str],
@@ -187,6 +210,8 @@ def _check_rule(
             errors.append(_located(location, lines, source, message))
     if detector_name is None:
         return None
+    if detector_name in unavailable and fields.get("enabled", True) is not False:
+        errors.append(_located(location, lines, source, f"detector {detector_name!r} {unavailable[detector_name]}"))
 
     entities = fields.get("entities")
     if isinstance(entities, list):
@@ -197,6 +222,34 @@ def _check_rule(
             message = f"unknown entity type(s) {', '.join(unknown)} for detector {detector_name!r}; known: {known}"
             errors.append(_located((*location, "entities"), lines, source, message))
     return detector_name
+
+
+def _deep_detectors(engines: DeepEngines) -> dict[str, DeepDetector]:
+    """Return the deep engines as detectors; nothing is imported or loaded until `start()`."""
+    presidio = engines.presidio or PresidioEngineSettings()
+
+    def build_presidio() -> Any:
+        from extguard.scan.deep import PresidioEngine, PresidioSettings
+
+        settings = PresidioSettings(
+            spacy_model=presidio.spacy_model,
+            all_recognizers=presidio.all_recognizers,
+            organizations=presidio.organizations,
+        )
+        return PresidioEngine(settings, workers=presidio.workers, deadline_ms=presidio.deadline_ms)
+
+    def build_llm_guard() -> Any:
+        from extguard.scan.deep import LlmGuardEngine, LlmGuardSettings
+
+        llm_guard = engines.llm_guard
+        assert llm_guard is not None  # the loader rejects llm_guard rules without settings
+        settings = LlmGuardSettings(model_path=llm_guard.model_path, threshold=llm_guard.threshold)
+        return LlmGuardEngine(settings, workers=llm_guard.workers, deadline_ms=llm_guard.deadline_ms)
+
+    return {
+        "presidio": DeepDetector("presidio", "pii", PRESIDIO_ENTITY_TYPES, build_presidio),
+        "llm_guard": DeepDetector("llm_guard", "injection", LLM_GUARD_ENTITY_TYPES, build_llm_guard),
+    }
 
 
 def _merge_route(default: GuardPolicy, route: Route) -> GuardPolicy:
@@ -238,7 +291,9 @@ def _resolve(name: str, policy: GuardPolicy, detectors: dict[str, Detector]) -> 
                 scan_rule = ScanRule(**{**_fields(scan_rule), "mask_style": MaskStyle.PLACEHOLDER})
             response_rules.append(scan_rule)
 
-    return ResolvedPolicy(name, policy, tuple(request_rules), tuple(response_rules))
+    stream_rules = tuple(rule for rule in response_rules if not is_deep(rule.detector))
+    uses_deep = any(is_deep(rule.detector) for rule in (*request_rules, *response_rules))
+    return ResolvedPolicy(name, policy, tuple(request_rules), tuple(response_rules), stream_rules, uses_deep)
 
 
 def _fields(rule: ScanRule) -> dict[str, Any]:

@@ -14,12 +14,14 @@ response bodies too. At response_headers the exchange picks the response body mo
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import traceback
 import zlib
 from collections import Counter
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
@@ -30,7 +32,10 @@ from extguard.extproc import messages
 from extguard.llm.apis import ERROR_CODE_BAD_INPUT, ERROR_CODE_BLOCKED, ERROR_CODE_INTERNAL, OPENAI_CHAT, Api, api_for_path
 from extguard.llm.payloads import TextSlot
 from extguard.llm.streams import StreamRewriter, stream_rewriter_for
+from extguard.scan.deep import DeepEngineError, DeepEngineTimeout
+from extguard.scan.deep_detector import DeepDetector, is_deep
 from extguard.scan.engine import Hit, ScanRule, guard_text
+from extguard.scan.findings import Finding
 from extguard.scan.redact import Masker, PseudonymVault
 from extguard.scan.stream import StreamGuard
 from extguard.telemetry.metrics import Metrics
@@ -59,6 +64,15 @@ class Runtime:
     policies: PolicySet
     masker: Masker
     metrics: Metrics
+
+
+class DeepScanFailed(Exception):
+    """A deep engine failed under a fail-closed policy; the request ends with `status`."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
 
 
 class BadInput(Exception):
@@ -95,7 +109,7 @@ class Exchange:
 
     # -- dispatch ------------------------------------------------------------------------------
 
-    def handle(self, request: ext_proc.ProcessingRequest) -> ext_proc.ProcessingResponse:
+    async def handle(self, request: ext_proc.ProcessingRequest) -> ext_proc.ProcessingResponse:
         """Return the one reply to `request`. Handler errors become the failure-mode reply."""
         if request.HasField("protocol_config"):
             self.request_body_mode = request.protocol_config.request_body_mode or self.request_body_mode
@@ -106,6 +120,8 @@ class Exchange:
             self._problem("unexpected_message", "pass")
             return ext_proc.ProcessingResponse()
         try:
+            if kind in _ASYNC_KINDS:
+                return await _HANDLERS[kind](self, getattr(request, kind))
             return _HANDLERS[kind](self, getattr(request, kind))
         except Exception as error:
             return self._internal_error(kind, error)
@@ -153,7 +169,7 @@ class Exchange:
             return messages.common_reply("request_headers", headers=mutation)
         return messages.continue_reply("request_headers")
 
-    def on_request_body(self, body: ext_proc.HttpBody) -> ext_proc.ProcessingResponse:
+    async def on_request_body(self, body: ext_proc.HttpBody) -> ext_proc.ProcessingResponse:
         if self.api is None:
             return messages.continue_reply("request_body")
         if self.request_body_mode == messages.STREAMED and not body.end_of_stream:
@@ -174,7 +190,12 @@ class Exchange:
         if self.policy.uses_pseudonyms:
             self.vault = PseudonymVault()
 
-        hits, blocking, changed = self._guard_slots(self._api().request_slots(payload), "request")
+        slots = self._api().request_slots(payload)
+        try:
+            known = await self._deep_findings(slots, self._request_rules)
+        except DeepScanFailed as failure:
+            return self._error_reply(failure.status, failure.message, ERROR_CODE_INTERNAL, "extguard_deep_scan_failed")
+        hits, blocking, changed = self._guard_slots(slots, "request", known)
         self._record_hits("request", hits)
         if blocking:
             return self._block_request(blocking)
@@ -186,8 +207,50 @@ class Exchange:
         # The system prompt is the application's own text, and end-user ids are not prose: both
         # are scanned for PII and secrets, but not for prompt injection.
         if slot.role in ("system", "developer", "metadata"):
-            return tuple(rule for rule in self.policy.request_rules if rule.detector.name != "injection")
+            return tuple(rule for rule in self.policy.request_rules if _family(rule.detector) != "injection")
         return self.policy.request_rules
+
+    def _response_rules(self, slot: TextSlot) -> tuple[ScanRule, ...]:
+        return self.policy.response_rules
+
+    async def _deep_findings(
+        self, slots: list[TextSlot], rules_of: Callable[[TextSlot], tuple[ScanRule, ...]]
+    ) -> list[dict[int, list[Finding]]]:
+        """Run the deep engines that each slot's rules name, concurrently; return known findings per slot.
+
+        A failed or timed-out engine follows the policy's failure mode: open drops its findings,
+        closed raises DeepScanFailed.
+        """
+        known: list[dict[int, list[Finding]]] = [{} for _ in slots]
+        if not self.policy.uses_deep_engines:
+            return known
+        jobs: list[tuple[int, DeepDetector]] = []
+        for index, slot in enumerate(slots):
+            engines = {id(rule.detector): rule.detector for rule in rules_of(slot) if is_deep(rule.detector)}
+            jobs.extend((index, engine) for engine in engines.values())  # type: ignore[misc]
+        if not jobs:
+            return known
+
+        results = await asyncio.gather(*(engine.analyze(slots[index].text) for index, engine in jobs), return_exceptions=True)
+        for (index, engine), result in zip(jobs, results, strict=True):
+            if isinstance(result, DeepEngineError):
+                self._deep_engine_failed(engine, result)
+                result = []
+            elif isinstance(result, BaseException):
+                raise result
+            known[index][id(engine)] = result
+        return known
+
+    def _deep_engine_failed(self, engine: DeepDetector, error: DeepEngineError) -> None:
+        timed_out = isinstance(error, DeepEngineTimeout)
+        mode = self.policy.settings.failure_mode
+        self.runtime.metrics.deep_engine_failures.labels(engine.name, "timeout" if timed_out else "error", mode.value).inc()
+        log.warning("request %s: deep engine %s %s; failure mode %s", self.request_id, engine.name,
+                    "timed out" if timed_out else f"failed ({type(error).__name__})", mode.value)
+        if mode is FailureMode.CLOSED:
+            what = "did not finish in time" if timed_out else "failed"
+            # 504 and 500, never 503: Envoy's local reply format rewrites 503 bodies.
+            raise DeepScanFailed(504 if timed_out else 500, f"extguard's {engine.name} scan {what}, so the request was stopped. Try again later.")
 
     def _replace_request_body(self, payload: dict[str, Any]) -> ext_proc.ProcessingResponse:
         new_body = _dump_json(payload)
@@ -247,7 +310,7 @@ class Exchange:
         return messages.common_reply("response_headers", headers=mutation, mode_override=_RESPONSE_STREAMED)
 
     def _new_rewriter(self) -> StreamRewriter:
-        rules = self.policy.response_rules
+        rules = self.policy.stream_rules
         masker = self.runtime.masker
         vault = self.vault
 
@@ -269,11 +332,11 @@ class Exchange:
         message = f"The upstream responded with content-encoding {encoding!r}, which extguard cannot inspect."
         return self._error_reply(502, message, ERROR_CODE_BAD_INPUT, "extguard_unsupported_encoding")
 
-    def on_response_body(self, body: ext_proc.HttpBody) -> ext_proc.ProcessingResponse:
+    async def on_response_body(self, body: ext_proc.HttpBody) -> ext_proc.ProcessingResponse:
         if self.response_kind == "sse" and self.rewriter is not None:
             return self._stream_chunk(body)
         if self.response_kind == "json":
-            return self._json_response(body)
+            return await self._json_response(body)
         return messages.continue_reply("response_body")
 
     def _stream_chunk(self, body: ext_proc.HttpBody) -> ext_proc.ProcessingResponse:
@@ -318,7 +381,7 @@ class Exchange:
         self.runtime.metrics.stream_held_chars.observe(rewriter.max_held_chars)
         self._record_hits("response", rewriter.hits)
 
-    def _json_response(self, body: ext_proc.HttpBody) -> ext_proc.ProcessingResponse:
+    async def _json_response(self, body: ext_proc.HttpBody) -> ext_proc.ProcessingResponse:
         if self.response_body_mode == messages.STREAMED and not body.end_of_stream:
             self.response_buffer += body.body
             return messages.common_reply("response_body", body=b"")
@@ -331,7 +394,12 @@ class Exchange:
         except BadInput as error:
             return self._bad_response_body(error, raw, streamed)
 
-        hits, blocking, changed = self._guard_slots(self._api().response_slots(payload), "response")
+        slots = self._api().response_slots(payload)
+        try:
+            known = await self._deep_findings(slots, self._response_rules)
+        except DeepScanFailed as failure:
+            return self._error_reply(failure.status, failure.message, ERROR_CODE_INTERNAL, "extguard_deep_scan_failed")
+        hits, blocking, changed = self._guard_slots(slots, "response", known)
         self._record_hits("response", hits)
         if blocking:
             return self._error_reply(502, self._block_response_message(blocking), ERROR_CODE_BLOCKED, "extguard_blocked")
@@ -396,7 +464,9 @@ class Exchange:
             raise BadInput("malformed_json")
         return payload
 
-    def _guard_slots(self, slots: list[TextSlot], direction: str) -> tuple[list[Hit], list[Hit], bool]:
+    def _guard_slots(
+        self, slots: list[TextSlot], direction: str, known: list[dict[int, list[Finding]]]
+    ) -> tuple[list[Hit], list[Hit], bool]:
         """Scan and mask every slot in place; return (hits, blocking hits, whether text changed).
 
         Requests mint pseudonyms into the exchange's vault; responses are masked with their own
@@ -406,13 +476,13 @@ class Exchange:
         hits: list[Hit] = []
         blocking: list[Hit] = []
         changed = False
-        for slot in slots:
+        for slot, known_findings in zip(slots, known, strict=True):
             text = slot.text
             if direction == "request":
-                result = guard_text(text, self._request_rules(slot), masker, self.vault)
+                result = guard_text(text, self._request_rules(slot), masker, self.vault, known_findings)
                 new_text = result.text
             else:
-                result = guard_text(text, self.policy.response_rules, masker, None)
+                result = guard_text(text, self.policy.response_rules, masker, None, known_findings)
                 new_text = self.vault.restore(result.text) if self.vault else result.text
             hits.extend(result.hits)
             blocking.extend(result.blocking)
@@ -444,7 +514,8 @@ class Exchange:
         return messages.immediate_reply(status, body, details, _JSON_HEADERS)
 
 
-_HANDLERS = {
+_ASYNC_KINDS = frozenset({"request_body", "response_body"})
+_HANDLERS: dict[str, Callable[..., Any]] = {
     "request_headers": Exchange.on_request_headers,
     "request_body": Exchange.on_request_body,
     "request_trailers": Exchange.on_request_trailers,
@@ -452,6 +523,11 @@ _HANDLERS = {
     "response_body": Exchange.on_response_body,
     "response_trailers": Exchange.on_response_trailers,
 }
+
+
+def _family(detector: Any) -> str:
+    """Return the detector family (pii, secrets, injection); deep engines name theirs."""
+    return getattr(detector, "family", detector.name)
 
 
 def _only_decodable(accept_encoding: str) -> bool:

@@ -36,7 +36,7 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):
 
         async for request in request_iterator:
             started = time.perf_counter()
-            response = exchange.handle(request)
+            response = await exchange.handle(request)
             kind = request.WhichOneof("request") or "unknown"
             metrics.messages.labels(kind).inc()
             metrics.message_duration.labels(kind).observe(time.perf_counter() - started)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -100,16 +100,24 @@ class MaskSpan(NamedTuple):
     hit: Hit
 
 
-def guard_text(text: str, rules: Sequence[ScanRule], masker: Masker, vault: PseudonymVault | None) -> TextGuardResult:
+def guard_text(
+    text: str,
+    rules: Sequence[ScanRule],
+    masker: Masker,
+    vault: PseudonymVault | None,
+    known_findings: Mapping[int, list[Finding]] | None = None,
+) -> TextGuardResult:
     """Scan `text` with `rules` and mask what the MASK rules found.
 
     When any hit blocks, every hit is still reported but nothing is masked. PSEUDONYM masks
     mint tokens into `vault`, and ValueError is raised when such a rule fires without a vault.
+    `known_findings` maps `id(detector)` to findings computed beforehand (the deep engines run
+    asynchronously); those detectors are not asked to scan.
     """
     if not rules or not text:
         return TextGuardResult(text, [], [], False)
 
-    hits = collect_hits(text, rules)
+    hits = collect_hits(text, rules, known_findings)
     blocking = [hit for hit in hits if hit.rule.action == Action.BLOCK]
     if blocking:
         return TextGuardResult(text, hits, blocking, False)
@@ -124,12 +132,13 @@ def _hit_start(hit: Hit) -> int:
     return hit.finding.start
 
 
-def collect_hits(text: str, rules: Sequence[ScanRule]) -> list[Hit]:
+def collect_hits(text: str, rules: Sequence[ScanRule], known_findings: Mapping[int, list[Finding]] | None = None) -> list[Hit]:
     """Return the hits of `rules` in `text`, sorted by start offset, then by rule order.
 
-    Each distinct detector scans the text once, however many rules share it.
+    Each distinct detector scans the text once, however many rules share it, unless
+    `known_findings` already holds its findings.
     """
-    findings_by_detector: dict[int, list[Finding]] = {}
+    findings_by_detector: dict[int, list[Finding]] = dict(known_findings) if known_findings else {}
     hits: list[Hit] = []
     for rule in rules:
         findings = findings_by_detector.get(id(rule.detector))

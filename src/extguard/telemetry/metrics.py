@@ -56,6 +56,12 @@ class Metrics:
             ["stage", "failure_mode"],
             registry=self.registry,
         )
+        self.deep_engine_failures = Counter(
+            "extguard_deep_engine_failures",
+            "Deep engine calls that timed out or failed, by engine, reason and the failure mode applied.",
+            ["engine", "reason", "failure_mode"],
+            registry=self.registry,
+        )
         self.stream_held_chars = Histogram(
             "extguard_stream_held_chars",
             "Largest number of characters held back at once in one streamed response channel.",
