@@ -17,6 +17,7 @@ from bisect import bisect_right
 from collections.abc import Sequence
 
 from extguard.scan.findings import Detector, Finding
+from extguard.scan.pii import PiiDetector
 
 
 def _finding_start(finding: Finding) -> int:
@@ -30,120 +31,6 @@ def _trailing_run_length(text: str, chars: frozenset[str], limit: int) -> int:
     while index > stop and text[index - 1] in chars:
         index -= 1
     return len(text) - index
-
-
-# -- PII ------------------------------------------------------------------------------------
-
-# Local-part characters: the common practical subset of RFC 5322 atext. Quotes, backticks,
-# braces, `|`, `/` and `=` are left out because next to an address they are almost always
-# punctuation or markup (`'a@b.com'`, `?to=a@b.com`).
-_LOCAL_CHARS = r"A-Za-z0-9_%+\-"
-_LOCAL_MAX_CHARS = 64
-_DOMAIN_MAX_CHARS = 253
-_DOMAIN_MAX_LABELS = 8
-_EMAIL = re.compile(
-    # Start only where a local part can start, never inside a longer run of local-part chars.
-    rf"(?<![{_LOCAL_CHARS}.])"
-    rf"(?P<local>[{_LOCAL_CHARS}](?:[{_LOCAL_CHARS}.]{{0,{_LOCAL_MAX_CHARS - 2}}}[{_LOCAL_CHARS}])?)"
-    r"@"
-    r"(?P<domain>(?:[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?\.)"
-    rf"{{1,{_DOMAIN_MAX_LABELS}}}[A-Za-z]{{2,63}})"
-    r"(?![A-Za-z0-9\-])"
-)
-_EMAIL_MAX_CHARS = _LOCAL_MAX_CHARS + 1 + _DOMAIN_MAX_LABELS * 64 + 63
-_EMAIL_RUN_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_%+-.@")
-
-# Card numbers: 13 to 19 digits with a leading 2-6 (Mastercard 2-series, Amex, Visa, Mastercard,
-# Discover), either contiguous or in groups with one kind of single separator. The first group
-# has 4 digits and later groups 3 to 6, which covers 4-4-4-4, 4-6-5 and 4-4-4-4-3. The look-arounds
-# reject a number that is part of a longer run: digits, a decimal point or dash followed by a
-# digit, or (for space groups) a further group of 3+ digits on either side.
-_CARD = re.compile(
-    r"(?<![0-9])(?<![0-9][.\-])"
-    r"(?:"
-    r"(?P<plain>[2-6][0-9]{12,18})"
-    r"|(?P<spaced>(?<![0-9]{3} )[2-6][0-9]{3}(?: [0-9]{3,6}){2,4})(?! [0-9]{3})"
-    r"|(?P<dashed>[2-6][0-9]{3}(?:-[0-9]{3,6}){2,4})"
-    r")"
-    r"(?![0-9])(?![.\-][0-9])"
-)
-_CARD_MIN_DIGITS = 13
-_CARD_MAX_DIGITS = 19
-_CARD_RUN_CHARS = frozenset("0123456789 -.")
-_DIGITS = frozenset("0123456789")
-# Maximum number of chars the card pattern inspects from one start: 4 + 4 * 7 chars of grouped
-# digits plus the 4-char look-ahead for a further group. Holding back this much, rather than
-# the 23 chars of the longest card, makes every decision about an earlier start final.
-_CARD_PENDING_MAX_CHARS = 4 + 4 * 7 + 4
-_CARD_SEPARATORS = str.maketrans("", "", " -")
-
-
-def _luhn_valid(digits: str) -> bool:
-    """Return whether the ASCII digit string passes the Luhn (mod 10) check."""
-    total = 0
-    for position, char in enumerate(reversed(digits)):
-        digit = ord(char) - 48
-        if position % 2:
-            digit *= 2
-            if digit > 9:
-                digit -= 9
-        total += digit
-    return total % 10 == 0
-
-
-class PiiDetector:
-    """Email addresses and payment card numbers, score 1.0.
-
-    A digit run shaped like a card that fails the Luhn check is not a finding.
-    """
-
-    __slots__ = ()
-
-    name = "pii"
-    entity_types = frozenset({"EMAIL_ADDRESS", "CREDIT_CARD"})
-
-    def scan(self, text: str) -> list[Finding]:
-        """Return every email address and valid card number in `text`, sorted by start offset."""
-        findings: list[Finding] = []
-        if "@" in text:
-            self._scan_emails(text, findings)
-        self._scan_cards(text, findings)
-
-        if len(findings) > 1:
-            findings.sort(key=_finding_start)
-        return findings
-
-    def pending_chars(self, text: str) -> int:
-        """Return the longer of the trailing email-character run and the trailing card run.
-
-        The email run is capped at the longest address the pattern accepts, and the card run at
-        the maximum span the card pattern inspects.
-        """
-        email = _trailing_run_length(text, _EMAIL_RUN_CHARS, _EMAIL_MAX_CHARS)
-
-        # A card starts with a digit, so separators at the start of the run can be released.
-        card_run = _trailing_run_length(text, _CARD_RUN_CHARS, _CARD_PENDING_MAX_CHARS)
-        card_start = len(text) - card_run
-        while card_start < len(text) and text[card_start] not in _DIGITS:
-            card_start += 1
-        card = len(text) - card_start
-
-        return max(email, card)
-
-    @staticmethod
-    def _scan_emails(text: str, findings: list[Finding]) -> None:
-        for match in _EMAIL.finditer(text):
-            if ".." in match.group("local") or len(match.group("domain")) > _DOMAIN_MAX_CHARS:
-                continue
-            findings.append(Finding("pii", "EMAIL_ADDRESS", match.start(), match.end(), 1.0, "email_address"))
-
-    @staticmethod
-    def _scan_cards(text: str, findings: list[Finding]) -> None:
-        for match in _CARD.finditer(text):
-            digits = match.group().translate(_CARD_SEPARATORS)
-            if not _CARD_MIN_DIGITS <= len(digits) <= _CARD_MAX_DIGITS or not _luhn_valid(digits):
-                continue
-            findings.append(Finding("pii", "CREDIT_CARD", match.start(), match.end(), 1.0, "credit_card_luhn"))
 
 
 # -- secrets --------------------------------------------------------------------------------
@@ -427,6 +314,10 @@ def _trailing_word_chain(text: str, words: list[tuple[int, int]]) -> list[tuple[
 
 
 def default_detectors() -> dict[str, Detector]:
-    """Return one instance of each inline detector, keyed by detector name."""
+    """Return one instance of each inline detector, keyed by detector name.
+
+    Building them compiles their pattern databases, which takes a few hundred milliseconds:
+    build once per process and share them.
+    """
     detectors: tuple[Detector, ...] = (PiiDetector(), SecretDetector(), InjectionDetector())
     return {detector.name: detector for detector in detectors}
