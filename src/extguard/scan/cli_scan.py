@@ -33,7 +33,8 @@ from extguard.scan.findings import Detector, Finding
 INLINE_DETECTORS = ("pii", "secrets", "injection")
 DEEP_ENGINES = ("presidio", "llm-guard")
 _DEFAULT_PII_THRESHOLD = 0.5  # the policy's default `score_threshold`
-_DEFAULT_INJECTION_THRESHOLD = 0.8
+# The injection detector's combined score; on the development set no benign row scored above 0.2.
+_DEFAULT_INJECTION_THRESHOLD = 0.5
 
 
 class UsageError(Exception):
