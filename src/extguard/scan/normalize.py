@@ -350,6 +350,10 @@ class CollapsedText:
     def _build_map(self) -> None:
         collapsed_starts = [0]
         input_starts = [0]
+        if len(self.text) == len(self._input):
+            # Collapsing only removes chars, so nothing changed: the map is the identity.
+            self._collapsed_starts, self._input_starts = collapsed_starts, input_starts
+            return
         removed = 0
         for match in _WHITESPACE_RUN.finditer(self._input):
             # The run becomes one char at collapsed index match.start() - removed.
