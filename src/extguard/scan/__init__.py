@@ -1,6 +1,7 @@
 """Detection and masking of PII, secrets and prompt injection in LLM traffic text."""
 
-from extguard.scan.detectors import SecretDetector, default_detectors
+from extguard.scan.detectors import default_detectors
+from extguard.scan.secrets import SecretDetector
 from extguard.scan.injection import InjectionDetector
 from extguard.scan.pii import PiiDetector
 from extguard.scan.engine import Action, Hit, ScanRule, TextGuardResult, guard_text
