@@ -34,14 +34,14 @@ class Direction(enum.StrEnum):
 
 
 class OnBadInput(enum.StrEnum):
-    """What to do with a body extguard cannot read (malformed JSON, invalid UTF-8, too large)."""
+    """The handling of a body extguard cannot read (malformed JSON, invalid UTF-8, too large)."""
 
-    REJECT = "reject"  # answer 400 (413 for size) in the provider's error format
+    REJECT = "reject"  # respond 400 (413 for size) in the provider's error format
     PASS = "pass"  # forward it unscanned, counted and logged
 
 
 class FailureMode(enum.StrEnum):
-    """What to do when extguard itself fails while handling a message."""
+    """The handling of extguard's own failure while it processes a message."""
 
     CLOSED = "closed"  # reject the request, or end a streamed response with an error event
     OPEN = "open"  # let the message through unchanged

@@ -1,6 +1,6 @@
 """Deep engines as detectors of the rule engine.
 
-A `DeepDetector` stands in a policy rule like an inline detector, but its findings come from
+A `DeepDetector` takes an inline detector's place in a policy rule, but its findings come from
 `analyze()`, which awaits a worker pool (see `extguard.scan.deep`). The exchange calls it for
 whole request bodies and buffered JSON responses, then hands the findings to `guard_text` as
 known findings. Streamed responses are guarded by the inline detectors only: a model call per
