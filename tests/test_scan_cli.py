@@ -264,3 +264,12 @@ def test_scan_policy_presidio_rule(tmp_path: Path, capsys: pytest.CaptureFixture
 
     assert status == 0
     assert found(result, text) == [("pii", "PERSON", "John Smith"), ("secrets", "AWS_ACCESS_KEY_ID", AWS_KEY)]
+
+
+def test_policy_allow_list_applies(tmp_path: Path) -> None:
+    policy = tmp_path / "allow.yaml"
+    policy.write_text("default:\n  allow:\n    values: [support@example.com]\n  rules:\n    pii: {action: mask}\n")
+    result = run_cli("--policy", str(policy), "-", stdin=json.dumps({"text": "ask support@example.com or jo@example.org"}) + "\n")
+
+    findings = json.loads(result.stdout)["findings"]
+    assert [(finding["start"], finding["end"]) for finding in findings] == [(27, 41)]

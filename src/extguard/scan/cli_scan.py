@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import importlib
 import importlib.util
 import json
@@ -264,6 +265,10 @@ def run_scan(args: argparse.Namespace) -> int:
     except DeepEngineError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader stopped early (`| head`); point stdout at /dev/null so the exit flush is quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     finally:
         if source is not sys.stdin.buffer:
             source.close()
@@ -307,7 +312,9 @@ async def scan_line(line: bytes, setup: ScanSetup) -> dict[str, Any]:
         candidates = findings_by_detector[id(rule.detector)] + engine_findings.get(_family(rule.detector), [])
         for finding in candidates:
             key = (finding.detector, finding.entity_type, finding.start, finding.end)
-            if rule.accepts(finding) and (key not in best or best[key].score < finding.score):
+            if not rule.accepts(finding) or (rule.allow and rule.allow.allows(text[finding.start : finding.end])):
+                continue
+            if key not in best or best[key].score < finding.score:
                 best[key] = finding
 
     findings = sorted(best.values(), key=lambda f: (f.start, f.end, f.detector, f.entity_type))
