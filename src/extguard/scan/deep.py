@@ -395,6 +395,10 @@ class PresidioModel:
         from presidio_analyzer import AnalyzerEngine
         from presidio_analyzer.nlp_engine import NlpEngineProvider
 
+        # Presidio logs every recognizer it loads at INFO and each one for another language at
+        # WARNING (about fifty lines per load); only its errors are worth showing.
+        logging.getLogger("presidio-analyzer").setLevel(logging.ERROR)
+
         ignored_labels = list(_SPACY_LABELS_IGNORED)
         if not settings.organizations:
             ignored_labels.append("ORGANIZATION")
