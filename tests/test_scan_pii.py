@@ -55,7 +55,6 @@ POSITIVES = [
     ("https://host/?to=alice@example.com&x=1", "EMAIL_ADDRESS", ["alice@example.com"]),
     ("alice@example.com's inbox", "EMAIL_ADDRESS", ["alice@example.com"]),
     ("first_last-2@sub-domain.example.io", "EMAIL_ADDRESS", ["first_last-2@sub-domain.example.io"]),
-    ("ftp://user:secret@files.example.net/x", "EMAIL_ADDRESS", ["secret@files.example.net"]),
     ("ALICE@EXAMPLE.COM", "EMAIL_ADDRESS", ["ALICE@EXAMPLE.COM"]),
     ("a@b.cc", "EMAIL_ADDRESS", ["a@b.cc"]),
     ("idn ivan@xn--80akhbyknj4f.xn--p1ai", "EMAIL_ADDRESS", ["ivan@xn--80akhbyknj4f.xn--p1ai"]),
@@ -597,3 +596,20 @@ def test_megabyte_input_scans(detector: PiiDetector, text: str) -> None:
 )
 def test_megabyte_input_scans_hyperscan(text: str) -> None:
     assert [f for f in HYPERSCAN.scan(text) if f.score >= THRESHOLD] == []
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("postgres://admin:S3cr3tPassw0rd@db.internal:5432/app", []),
+        ("https://user:hunter2abc@example.com/path", []),
+        ("ftp://user:secret@files.example.net/x", []),
+        ("mailto:bob@example.com", ["bob@example.com"]),
+        ("Email:bob@example.com", ["bob@example.com"]),
+        ("see http://bob@example.com", ["bob@example.com"]),
+    ],
+)
+def test_url_password_is_not_an_email(text: str, expected: list[str]) -> None:
+    findings = PiiDetector().scan(text)
+
+    assert [text[f.start : f.end] for f in findings if f.entity_type == "EMAIL_ADDRESS"] == expected

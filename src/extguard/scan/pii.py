@@ -412,6 +412,12 @@ def _pending_spaced(text: str) -> int:
 # -- the detector ---------------------------------------------------------------------------
 
 
+# The end of a URL's user name before its password: "://user:". Looked for at most this many
+# chars back, which stays inside the stream scanner's rescan context.
+_URL_USER_MAX_CHARS = 48
+_URL_USERINFO_END = re.compile(r"://[^\s/?#@:]*:\Z")
+
+
 class PiiDetector:
     """Finds PII of ENTITY_TYPES (Presidio's names) with one multi-pattern scan and validators.
 
@@ -496,6 +502,10 @@ class PiiDetector:
             return
         verdicts = spec.validate(text[start:end])
         if not verdicts:
+            return
+        if spec.name == "email" and _URL_USERINFO_END.search(text, max(0, start - _URL_USER_MAX_CHARS), start):
+            # "scheme://user:password@host" holds a password and a host, not an e-mail address;
+            # the secrets detector judges the password.
             return
 
         context_types = self._context_types(text, start)
