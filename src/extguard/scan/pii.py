@@ -412,10 +412,14 @@ def _pending_spaced(text: str) -> int:
 # -- the detector ---------------------------------------------------------------------------
 
 
-# The end of a URL's user name before its password: "://user:". Looked for at most this many
-# chars back, which stays inside the stream scanner's rescan context.
+# The end of a database or broker URL's user name before its password ("postgres://user:"), for
+# the schemes whose passwords the secrets detector reports. Other URLs keep the e-mail finding,
+# which at least masks their password. Looked for at most this many chars back, which stays
+# inside the stream scanner's rescan context.
 _URL_USER_MAX_CHARS = 48
-_URL_USERINFO_END = re.compile(r"://[^\s/?#@:]*:\Z")
+_URL_USERINFO_END = re.compile(
+    r"(?:postgres(?:ql)?|mysql|mariadb|mongodb|rediss?|amqps?)(?:\+[a-z0-9]{1,16})?://[^\s/?#@:]*:\Z", re.IGNORECASE
+)
 
 
 class PiiDetector:
@@ -504,8 +508,8 @@ class PiiDetector:
         if not verdicts:
             return
         if spec.name == "email" and _URL_USERINFO_END.search(text, max(0, start - _URL_USER_MAX_CHARS), start):
-            # "scheme://user:password@host" holds a password and a host, not an e-mail address;
-            # the secrets detector judges the password.
+            # "postgres://user:password@host" holds a password and a host, not an e-mail address;
+            # the secrets detector reports the password.
             return
 
         context_types = self._context_types(text, start)
