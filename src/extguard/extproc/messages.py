@@ -15,7 +15,7 @@ SKIP = ProcessingMode.SKIP
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
-# Which response message answers which request message.
+# The response message type that replies to each request message type.
 _REPLY_TYPES = {
     "request_headers": ext_proc.HeadersResponse,
     "response_headers": ext_proc.HeadersResponse,
@@ -74,7 +74,7 @@ def common_reply(
 
 
 def immediate_reply(status: int, body: bytes, details: str, headers: dict[str, str]) -> ext_proc.ProcessingResponse:
-    """Answer the client directly with `status` and `body`; nothing more goes upstream."""
+    """Respond to the client directly with `status` and `body`; nothing more goes upstream."""
     return ext_proc.ProcessingResponse(
         immediate_response=ext_proc.ImmediateResponse(
             status=http_status_pb2.HttpStatus(code=status),

@@ -396,7 +396,7 @@ class PresidioModel:
         from presidio_analyzer.nlp_engine import NlpEngineProvider
 
         # Presidio logs every recognizer it loads at INFO and each one for another language at
-        # WARNING (about fifty lines per load); only its errors are worth showing.
+        # WARNING, about fifty lines per load. Only its errors are worth showing.
         logging.getLogger("presidio-analyzer").setLevel(logging.ERROR)
 
         ignored_labels = list(_SPACY_LABELS_IGNORED)

@@ -508,7 +508,7 @@ class PiiDetector:
         if not verdicts:
             return
         if spec.name == "email" and _URL_USERINFO_END.search(text, max(0, start - _URL_USER_MAX_CHARS), start):
-            # "postgres://user:password@host" holds a password and a host, not an e-mail address;
+            # "postgres://user:password@host" contains a password and a host, not an e-mail address;
             # the secrets detector reports the password.
             return
 

@@ -141,7 +141,7 @@ def iban_valid(iban: str) -> bool:
 
 # -- United States --------------------------------------------------------------------------
 
-# Numbers the SSA has said are invalid or that were printed in advertising.
+# Numbers the SSA has declared invalid or that were printed in advertising.
 _SSN_PLACEHOLDERS = frozenset({"123456789", "078051120", *(f"98765432{digit}" for digit in range(10))})
 
 
