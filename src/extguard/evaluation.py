@@ -329,21 +329,10 @@ def _add_matches(counts: Counts, gold: Sequence[Span], predicted: Sequence[Span]
 
 
 @dataclass(slots=True)
-class BinaryCounts:
-    """Confusion counts of a binary verdict."""
+class BinaryCounts(Counts):
+    """Confusion counts of a binary verdict: `Counts` plus true negatives."""
 
-    tp: int = 0
-    fp: int = 0
-    fn: int = 0
     tn: int = 0
-
-    @property
-    def precision(self) -> float | None:
-        return _ratio(self.tp, self.tp + self.fp)
-
-    @property
-    def recall(self) -> float | None:
-        return _ratio(self.tp, self.tp + self.fn)
 
     @property
     def false_positive_rate(self) -> float | None:

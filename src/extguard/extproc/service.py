@@ -16,7 +16,7 @@ log = logging.getLogger("extguard.extproc")
 
 
 class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):
-    """Answers each ProcessingRequest with exactly one ProcessingResponse, in order.
+    """Returns exactly one ProcessingResponse for each ProcessingRequest, in order.
 
     `runtime` is read once per stream, so a policy reload applies to new requests only.
     """

@@ -1,4 +1,4 @@
-"""Where the text lives in LLM request and response payloads, and how to write it back.
+"""Text locations in LLM request and response payloads, and how to write text back.
 
 A `TextSlot` points at one string inside a parsed JSON payload (a dict key or list index).
 Scanning reads `slot.text`, and masking writes `slot.set(new_text)`. The caller then

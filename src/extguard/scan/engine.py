@@ -136,7 +136,7 @@ def collect_hits(text: str, rules: Sequence[ScanRule], known_findings: Mapping[i
     """Return the hits of `rules` in `text`, sorted by start offset, then by rule order.
 
     Each distinct detector scans the text once, however many rules share it, unless
-    `known_findings` already holds its findings.
+    `known_findings` already contains its findings.
     """
     findings_by_detector: dict[int, list[Finding]] = dict(known_findings) if known_findings else {}
     hits: list[Hit] = []

@@ -1,6 +1,6 @@
 """Checksum and format validators for payment cards, IBANs, national identifiers and crypto addresses.
 
-Every function takes the value with its separators already removed (unless it says otherwise)
+Every function takes the value with its separators already removed (unless its docstring states otherwise)
 and returns whether the value is well formed. None of them raises on malformed input of the
 expected alphabet. They are pure and keep no state, so they are safe to call from any thread.
 

@@ -39,8 +39,8 @@ CONTEXT_CHARS = 64
 # boundary in the first chars of the window may pass where it fails on the whole text ("-sk-..."
 # seen as "sk-..."). Hits starting in these first chars are dropped. They were judged, with full
 # context, before they were released. The PII and injection patterns look behind at most 4
-# chars; the secrets detector reads up to 48 chars before a value (the name it is assigned to),
-# which CONTEXT_CHARS covers. NOTE: equality with whole-text results for secrets rests on that
+# chars. The secrets detector reads up to 48 chars before a value (the name it is assigned to),
+# and CONTEXT_CHARS covers that. NOTE: equality with whole-text results for secrets rests on that
 # margin and on randomized stream tests, not on a proof.
 _UNSEEN_CONTEXT_CHARS = 8
 

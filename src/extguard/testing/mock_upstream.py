@@ -70,7 +70,7 @@ _SCRIPT_FIELDS = frozenset(
     }
 )
 
-# Error types by HTTP status, from https://docs.claude.com/en/api/errors. That page says other
+# Error types by HTTP status, from https://docs.claude.com/en/api/errors. That page states that other
 # 4xx statuses may use invalid_request_error, and the mock uses api_error for other 5xx ones.
 _ANTHROPIC_ERROR_TYPES = {
     400: "invalid_request_error",
