@@ -485,6 +485,9 @@ def test_fallback_when_database_fails(monkeypatch: pytest.MonkeyPatch, caplog: p
         "1234 4111 1111 1111 1111, 0487 98 11 92 12 13",
         "ab12 -192.168.0.1+6789+078-05-1120ab126789xx.y@ex-ample.com)",
         "v1.2.3.4.5 1.2.3.4:5 ::ffff:1.2.3.4 a:b::c:d",
+        # Phone numbers glued to letters or signs on the left, where Hyperscan's leftmost start is
+        # not a valid start and a later one is.
+        "ab1 415 555 0199, x+1 415 555 0199, 7a(212) 555-0187, _+44 20 7946 0958, 1.-415 555 0199",
     ],
 )
 def test_paths_agree(text: str) -> None:

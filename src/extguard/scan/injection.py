@@ -1098,7 +1098,9 @@ _SUFFIX_END_SLACK_CHARS = 60
 _PROSE_TOKEN = re.compile(r"""[("'\[*_‘“]*\w[\w'’&/.,+%-]*[.,;:!?)"'\]*_%’”]*""")
 # Inline code spans, masked before counting because developers quote code in prose.
 _INLINE_CODE = re.compile(r"`[^`\n]{1,80}`")
-_CASE_ODD = re.compile(r"[a-z][A-Z]{2,}|[A-Z]{3,}[a-z]{2,}|[a-z][A-Z][a-z]+[A-Z]")
+# Odd case inside a word: "aBC", "ABCde" or "aBcD". Written to start with [A-Z], which lets
+# Python's re skip ahead to capitals instead of trying every lower-case letter (8x faster).
+_CASE_ODD = re.compile(r"[A-Z](?:(?<=[a-z][A-Z])(?:[A-Z]|[a-z]+[A-Z])|[A-Z]{2}[a-z]{2})")
 _ASCII_PUNCTUATION_RUN = re.compile(r"""[!-/:-@\[-`{-~]{2,}""")
 _COMMON_PUNCTUATION = frozenset({"--", "...", "->", "=>", "<-", "&&", "||", "**", "##", "###", ":)", ":-)", "?!", "!!", "??"})
 _TOKEN = re.compile(r"\S+")
@@ -1135,7 +1137,8 @@ def _suffix_gibberish(text: str) -> tuple[float, int, int] | None:
     line_start = stripped.rfind("\n") + 1
     start = max(line_start, len(stripped) - _SUFFIX_TAIL_CHARS)
     tail = stripped[start:]
-    symbols = len(tail) - len(tail.translate(_SUFFIX_SYMBOL_DELETE))
+    # One str.count per symbol is several times faster than str.translate on the whole tail.
+    symbols = sum(map(tail.count, _SUFFIX_SYMBOLS))
     if symbols < _SUFFIX_MIN_SYMBOLS and not _CASE_ODD.search(tail):
         return None
     if tail.startswith(("    ", "\t", "```")) or stripped.count("```", 0, line_start) % 2:

@@ -117,6 +117,8 @@ def _hyperscan_source(spec: PatternSpec) -> str:
         right = f"(?:{right}|[{spec.after_seps}][^{spec.after_neighbor}])"
     if spec.hyperscan_core:
         return f"(?:{spec.hyperscan_core}){right}"
+    if spec.left_boundary_in_python:
+        return f"(?:{spec.core}){right}"
 
     left = f"[^{spec.not_before}{spec.before_seps}]"
     if spec.before_seps:
@@ -166,7 +168,7 @@ class _HyperscanMatcher:
     922024-01-15"), so the two paths can disagree on such input.
     """
 
-    __slots__ = ("_database", "_regexes", "_guards", "_separators", "_extensions", "_local")
+    __slots__ = ("_database", "_regexes", "_guards", "_separators", "_extensions", "_left_checks", "_local")
 
     def __init__(self, specs: Sequence[PatternSpec]) -> None:
         """Raise hyperscan.error when the database does not compile or this CPU is not supported."""
@@ -189,6 +191,10 @@ class _HyperscanMatcher:
             (_class_bytes(spec.extend_left), _class_bytes(spec.core[1 : spec.core.index("]")]), spec.extend_left_max_chars)
             if spec.hyperscan_core
             else None
+            for spec in specs
+        )
+        self._left_checks = tuple(
+            (_class_bytes(spec.not_before), re.compile(spec.core.encode())) if spec.left_boundary_in_python else None
             for spec in specs
         )
         self._local = threading.local()
@@ -229,7 +235,12 @@ class _HyperscanMatcher:
             before_seps, after_seps = self._separators[spec_index]
             value_end = end - 3 if data[end - 2] in after_seps else end - 2
             extension = self._extensions[spec_index]
-            if extension is None:
+            left_check = self._left_checks[spec_index]
+            if left_check is not None:
+                value_start = _bounded_start(data, start, value_end + 1, before_seps, *left_check)
+                if value_start is None:
+                    continue
+            elif extension is None:
                 value_start = start + 1 if data[start + 1] in before_seps else start
             else:
                 value_start = _extend_left(data, start, *extension)
@@ -307,6 +318,33 @@ def _extend_left(data: bytes, start: int, run_bytes: frozenset[int], first_bytes
     if data[index - 1] in run_bytes or data[index] not in first_bytes:
         return None
     return index - 1
+
+
+def _bounded_start(
+    data: bytes, start: int, end: int, separators: frozenset[int], not_before: frozenset[int], core: re.Pattern[bytes]
+) -> int | None:
+    """Return the text byte offset of the leftmost core match that ends at data offset `end` and
+    has a valid left boundary, or None when there is none.
+
+    Hyperscan reports `start`, the leftmost start of a core match ending at `end`, without
+    checking the char before it. A later start can still be valid ("ab1 415 555 0199" holds
+    "415 555 0199"), so later starts after a boundary char are tried with Python `re`.
+    """
+    if _left_boundary_ok(data, start, separators, not_before):
+        return start - 1
+    for position in range(start + 1, end):
+        if _left_boundary_ok(data, position, separators, not_before) and core.fullmatch(data, position, end):
+            return position - 1
+    return None
+
+
+def _left_boundary_ok(data: bytes, position: int, separators: frozenset[int], not_before: frozenset[int]) -> bool:
+    """Return whether a match may start at data offset `position`: the byte before it is not in
+    `not_before`, and if it is a separator, the byte before that is not a digit."""
+    previous = data[position - 1]
+    if previous in separators:
+        return not 48 <= data[position - 2] <= 57
+    return previous not in not_before
 
 
 def _to_char_offsets(data: bytes, spans: dict[int, list[tuple[int, int]]]) -> dict[int, list[tuple[int, int]]]:
@@ -421,6 +459,8 @@ _URL_USERINFO_END = re.compile(
     r"(?:postgres(?:ql)?|mysql|mariadb|mongodb|rediss?|amqps?)(?:\+[a-z0-9]{1,16})?://[^\s/?#@:]*:\Z", re.IGNORECASE
 )
 
+_NO_CONTEXT: frozenset[str] = frozenset()
+
 
 class PiiDetector:
     """Finds PII of ENTITY_TYPES (Presidio's names) with one multi-pattern scan and validators.
@@ -442,6 +482,7 @@ class PiiDetector:
         "_allow_patterns",
         "_context_phrases",
         "_phrase_lengths",
+        "_first_words",
     )
 
     name = "pii"
@@ -472,6 +513,8 @@ class PiiDetector:
         for phrase in self._context_phrases:
             lengths.setdefault(phrase[0], set()).add(len(phrase))
         self._phrase_lengths = {word: tuple(sorted(counts)) for word, counts in lengths.items()}
+        # Every word that can start a phrase, also with a plural s, for a quick test of a window.
+        self._first_words = frozenset(lengths) | frozenset(word + "s" for word in lengths)
 
     @property
     def uses_hyperscan(self) -> bool:
@@ -487,8 +530,10 @@ class PiiDetector:
             return []
 
         candidates: list[_Candidate] = []
+        # Candidates of several patterns often share a start, and so their context.
+        contexts: dict[int, frozenset[str]] = {}
         for spec_index, start, end in spans:
-            self._add_candidates(text, spec_index, start, end, candidates)
+            self._add_candidates(text, spec_index, start, end, candidates, contexts)
         return self._resolve(candidates)
 
     def pending_chars(self, text: str) -> int:
@@ -500,7 +545,15 @@ class PiiDetector:
             return 0
         return max(_pending_word(text), _pending_digits(text), _pending_spaced(text))
 
-    def _add_candidates(self, text: str, spec_index: int, start: int, end: int, candidates: list[_Candidate]) -> None:
+    def _add_candidates(
+        self,
+        text: str,
+        spec_index: int,
+        start: int,
+        end: int,
+        candidates: list[_Candidate],
+        contexts: dict[int, frozenset[str]],
+    ) -> None:
         spec = self._specs[spec_index]
         if end - start > spec.max_chars:
             return
@@ -512,7 +565,9 @@ class PiiDetector:
             # the secrets detector reports the password.
             return
 
-        context_types = self._context_types(text, start)
+        context_types = contexts.get(start)
+        if context_types is None:
+            context_types = contexts[start] = self._context_types(text, start)
         for verdict_index, verdict in enumerate(verdicts):
             verdict_end = end if verdict.length is None else start + verdict.length
             if self._is_allowed(text[start:verdict_end], verdict.entity_type):
@@ -534,8 +589,13 @@ class PiiDetector:
         The last word of a phrase may carry a plural s.
         """
         words = pii_patterns.context_tokens(text[max(0, start - CONTEXT_WINDOW_CHARS) : start])
+        starts = self._first_words.intersection(words)
+        if not starts:
+            return _NO_CONTEXT
         found: set[str] = set()
         for index, word in enumerate(words):
+            if word not in starts:
+                continue
             lengths = self._phrase_lengths.get(word)
             if lengths is None and word.endswith("s"):
                 lengths = self._phrase_lengths.get(word[:-1])

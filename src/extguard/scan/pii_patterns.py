@@ -16,6 +16,9 @@ Each `PatternSpec` is one regular expression in the common subset of Hyperscan a
   boundary. The detector then extends the start to the left over `extend_left` chars, because
   Hyperscan is slow to track start offsets through a long run of common chars (an email's local
   part) but fast from a rare char ("x@").
+- `left_boundary_in_python`, when set, leaves the left boundary out of the Hyperscan pattern and
+  has the detector check it, because consuming a boundary that nearly every char satisfies
+  (the space before a phone number) makes Hyperscan track a start offset at every char.
 
 A validator receives the matched text and returns zero or more `Verdict`s: an entity type, a
 score without context, a score with context, and a rule name. One candidate can have several
@@ -71,6 +74,7 @@ class PatternSpec:
     hyperscan_core: str = ""
     extend_left: str = ""
     extend_left_max_chars: int = 0
+    left_boundary_in_python: bool = False
 
 
 NO_VERDICT: tuple[Verdict, ...] = ()
@@ -712,6 +716,7 @@ def build_specs(phone: PhoneValidator) -> tuple[PatternSpec, ...]:
             PHONE_MAX_CHARS,
             before_seps=r".\-/",
             after_seps=r".\-/",
+            left_boundary_in_python=True,
         ),
         PatternSpec(
             "ipv4",
