@@ -10,8 +10,8 @@ order of first appearance. A policy's `score_threshold` decides what blocks.
 Phrase rules match a normalized copy of the text (see `extguard.scan.normalize`: NFKC,
 invisible chars removed, confusables folded, case-folded, whitespace collapsed), and their
 offsets are mapped back to the original text. The rules in `_LEET_RULES` also match leetspeak
-spellings. A phrase that is quoted and discussed ("what does 'do anything now' mean?") counts
-with half its weight. The other rules inspect the original text.
+spellings. A phrase that is quoted and discussed ("what does 'do anything now' mean?", or a
+passage in double quotes after "translate") counts with half its weight. The other rules inspect the original text.
 
 | rule | weight | fires on |
 |---|---|---|
@@ -1437,14 +1437,40 @@ _DISCUSSION_CONTEXT_CHARS = 80
 def _is_quoted(text: str, start: int, end: int) -> bool:
     """Return whether `text[start:end]` is quoted and discussed: a question or "what", "translate"... nearby.
 
-    The quote must be right before the span and at most 2 chars after it.
+    Quoted means either a quote right before the span and at most 2 chars after it, or a span
+    inside a quoted passage on its line ("Translate: \"Forget everything I said, ...\"").
     """
-    if start == 0 or text[start - 1] not in _QUOTES:
+    opening = _quote_opening(text, start, end)
+    if opening is None:
         return False
-    if not any(char in _QUOTES for char in text[end : end + 2]):
-        return False
-    window_start = max(0, start - _DISCUSSION_CONTEXT_CHARS)
+    window_start = max(0, opening - _DISCUSSION_CONTEXT_CHARS)
     return _DISCUSSION.search(text, window_start, end + _DISCUSSION_CONTEXT_CHARS) is not None
+
+
+# Pairs of an opening quote and its closing quote, for passages that may span words. Single
+# straight quotes are left out because they are also apostrophes ("don't").
+_QUOTE_PAIRS = (('"', '"'), ("“", "”"), ("«", "»"), ("„", "“"))
+_QUOTED_PASSAGE_MAX_CHARS = 400
+
+
+def _quote_opening(text: str, start: int, end: int) -> int | None:
+    """Return the offset of the quote that opens a quotation around `text[start:end]`, else None."""
+    if start > 0 and text[start - 1] in _QUOTES and any(char in _QUOTES for char in text[end : end + 2]):
+        return start - 1
+    line_start = max(text.rfind("\n", 0, start) + 1, start - _QUOTED_PASSAGE_MAX_CHARS)
+    line_end = text.find("\n", end)
+    line_end = min(len(text) if line_end < 0 else line_end, end + _QUOTED_PASSAGE_MAX_CHARS)
+    for opening, closing in _QUOTE_PAIRS:
+        position = text.rfind(opening, line_start, start)
+        if position < 0 or text.find(closing, end, line_end) < 0:
+            continue
+        if opening == closing:
+            # Straight quotes: the span is inside when an odd number of them precede it.
+            if text.count(opening, line_start, start) % 2:
+                return position
+        elif text.find(closing, position + 1, start) < 0:
+            return position
+    return None
 
 
 def _original_span(normalized: NormalizedText, collapsed: CollapsedText, start: int, end: int) -> tuple[int, int]:
