@@ -57,6 +57,7 @@ from typing import Any, NamedTuple
 
 from extguard.scan import pii_patterns
 from extguard.scan.findings import Finding
+from extguard.scan.secrets import DATABASE_URL_SCHEMES, OTHER_URL_SCHEMES
 from extguard.scan.pii_patterns import (
     CONTEXT_WINDOW_CHARS,
     DEFAULT_PHONE_REGIONS,
@@ -450,14 +451,12 @@ def _pending_spaced(text: str) -> int:
 # -- the detector ---------------------------------------------------------------------------
 
 
-# The end of a database or broker URL's user name before its password ("postgres://user:"), for
-# the schemes whose passwords the secrets detector reports. Other URLs keep the e-mail finding,
-# which at least masks their password. Looked for at most this many chars back, which stays
-# inside the stream scanner's rescan context.
+# The end of a URL's user name before its password ("postgres://user:", "https://user:"), for
+# the schemes whose passwords the secrets detector reports. URLs of other schemes keep the e-mail
+# finding, which at least masks their password. Looked for at most this many chars back, which
+# stays inside the stream scanner's rescan context.
 _URL_USER_MAX_CHARS = 48
-_URL_USERINFO_END = re.compile(
-    r"(?:postgres(?:ql)?|mysql|mariadb|mongodb|rediss?|amqps?)(?:\+[a-z0-9]{1,16})?://[^\s/?#@:]*:\Z", re.IGNORECASE
-)
+_URL_USERINFO_END = re.compile(rf"(?:{DATABASE_URL_SCHEMES}|{OTHER_URL_SCHEMES})://[^\s/?#@:]*:\Z", re.IGNORECASE)
 
 _NO_CONTEXT: frozenset[str] = frozenset()
 

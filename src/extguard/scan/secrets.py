@@ -27,6 +27,9 @@ Kinds, by entity type. "Span" is what a finding covers, so what a MASK rule repl
 | DATABASE_URL_PASSWORD           | postgres(ql), mysql, mariadb, mongodb(+srv), redis(s), amqp(s) | password only | 0.9        |
 |                                 | URLs of the form scheme://user:password@host, also after any   |               |            |
 |                                 | char (jdbc:postgresql://), with an optional +driver            |               |            |
+| URL_PASSWORD                    | the same form with http(s), ftp(s), sftp, ssh, git, svn,       | password only | 0.9        |
+|                                 | smtp(s), imap(s), pop3(s), ldap(s), mqtt(s), nats, kafka,      |               |            |
+|                                 | ws(s) or socks schemes                                         |               |            |
 | GENERIC_SECRET                  | password, passwd, pwd, passphrase, secret, token, api_key,     | value         | 0.6 to 0.8 |
 |                                 | apikey, access_key, secret_key, private_key, auth_key (also    |               |            |
 |                                 | at the end of a longer name) then `=`, `:`, `:=` or `=>` and a |               |            |
@@ -760,7 +763,12 @@ def _find_jwt(text: str, start: int) -> Finding | None:
     return _finding("JWT", start, match.end(), 0.9, "jwt")
 
 
-_DATABASE_SCHEME = r"(?:postgres(?:ql)?|mysql|mariadb|mongodb|rediss?|amqps?)(?:\+[a-z0-9]{1,16})?://"
+# URL schemes whose user:password@ part the detector reports, without "://". The PII detector
+# uses them too, to not report "password@host" as an e-mail address.
+DATABASE_URL_SCHEMES = r"(?:postgres(?:ql)?|mysql|mariadb|mongodb|rediss?|amqps?)(?:\+[a-z0-9]{1,16})?"
+OTHER_URL_SCHEMES = r"(?:https?|s?ftps?|ssh|git|svn|smtps?|imaps?|pop3s?|ldaps?|mqtts?|nats|kafka|wss?|socks[45]h?)"
+_DATABASE_SCHEME = DATABASE_URL_SCHEMES + "://"
+_OTHER_SCHEME = OTHER_URL_SCHEMES + "://"
 _URL_USER_MAX_CHARS = 64
 _URL_PASSWORD_MAX_CHARS = 128
 # No lookbehind: it would look further back than a stream window shows before the password.
@@ -771,11 +779,24 @@ _DATABASE_URL = re.compile(
 _PASSWORD_PLACEHOLDER = re.compile(r"pass(?:word|wd)?|pwd|secret|changeme|\*+|x+|\.+|\$\w*|%\w*", re.IGNORECASE)
 
 
+_OTHER_URL = re.compile(
+    rf"(?i:{_OTHER_SCHEME}){_URL_USER}{{0,{_URL_USER_MAX_CHARS}}}+"
+    rf":({_URL_PASSWORD}{{1,{_URL_PASSWORD_MAX_CHARS}}}+)@[A-Za-z0-9\[]"
+)
+
+
 def _find_database_url(text: str, start: int) -> Finding | None:
     match = _DATABASE_URL.match(text, start)
     if match is None or _PASSWORD_PLACEHOLDER.fullmatch(match.group(1)):
         return None
     return _finding("DATABASE_URL_PASSWORD", match.start(1), match.end(1), 0.9, "database_url_password")
+
+
+def _find_url_password(text: str, start: int) -> Finding | None:
+    match = _OTHER_URL.match(text, start)
+    if match is None or _PASSWORD_PLACEHOLDER.fullmatch(match.group(1)):
+        return None
+    return _finding("URL_PASSWORD", match.start(1), match.end(1), 0.9, "url_password")
 
 
 # -- the kind table -------------------------------------------------------------------------
@@ -814,6 +835,7 @@ _KINDS: tuple[_Kind, ...] = (
     _Kind(r"-----BEGIN (?:[A-Z0-9]{1,16} ){0,2}PRIVATE KEY", False, _find_private_key),
     _Kind(r"eyJ", False, _find_jwt),
     _Kind(_DATABASE_SCHEME, True, _find_database_url),
+    _Kind(_OTHER_SCHEME, True, _find_url_password),
     _Kind(_GENERIC_NAME + r"\\?[\"']?[ \t]{0,4}[=:]", True, _find_assignment),
 )
 _ASSIGNMENT_KIND = next(index for index, kind in enumerate(_KINDS) if kind.find is _find_assignment)
@@ -836,6 +858,7 @@ ENTITY_TYPES = frozenset(
         "PRIVATE_KEY",
         "JWT",
         "DATABASE_URL_PASSWORD",
+        "URL_PASSWORD",
         GENERIC_SECRET,
     }
 )
@@ -889,10 +912,10 @@ _SHORT_TOKEN_MAX_CHARS = 5 + 260
 # GR1348941, gh, gl, sk, rk, xox, xapp) and caseless (hooks, http, DefaultEndpointsProtocol).
 # Every alternative's lookbehind rejects at least the word chars, so no match starts elsewhere.
 _SHORT_TOKEN_START = re.compile(r"(?<![A-Za-z0-9_])[AGgrsxHhDd]")
-# A database URL is held from its scheme, once "://" is there, until the host starts. A partial
-# scheme is not held: when "://" arrives, the scheme ends right before it and is at most
+# A URL of those schemes is held from its scheme, once "://" is there, until the host starts. A
+# partial scheme is not held: when "://" arrives, the scheme ends right before it and is at most
 # _DATABASE_SCHEME_MAX_CHARS long, so it is inside any stream window.
-_DATABASE_SCHEME_BEFORE = re.compile(rf"(?i:{_DATABASE_SCHEME[: -len('://')]})\Z")
+_DATABASE_SCHEME_BEFORE = re.compile(rf"(?i:{DATABASE_URL_SCHEMES}|{OTHER_URL_SCHEMES})\Z")
 _DATABASE_USERINFO_TAIL = re.compile(
     rf"://{_URL_USER}{{0,{_URL_USER_MAX_CHARS}}}(?::{_URL_PASSWORD}{{0,{_URL_PASSWORD_MAX_CHARS}}}@?)?\Z"
 )
