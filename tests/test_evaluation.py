@@ -335,6 +335,68 @@ def test_evaluate_reports_both_tasks(data_dir: Path) -> None:
     assert "not scored): URL 1." in markdown
 
 
+SECRET_TEXT = "token ghp_x and postgres://app:pw@db"
+SECRETS_RECORDS = [
+    {"text": SECRET_TEXT, "entities": [{"type": "GITHUB_TOKEN", "start": 6, "end": 11}], "labelled_types": ["GITHUB_TOKEN"]},
+    {"text": "a git sha 4b825dc", "entities": [], "labelled_types": ["GITHUB_TOKEN", "JWT"]},
+]
+SECRET_PREDICTIONS = {
+    # The password is of a type the first row does not label, so it is not scored there.
+    SECRET_TEXT: [
+        Finding("secrets", "GITHUB_TOKEN", 6, 11, 1.0),
+        Finding("secrets", "DATABASE_URL_PASSWORD", 30, 32, 0.9),
+        Finding("pii", "GITHUB_TOKEN", 6, 11, 1.0),
+    ],
+    "a git sha 4b825dc": [Finding("secrets", "JWT", 10, 17, 0.9)],
+}
+
+
+def test_evaluate_scores_secrets_file(data_dir: Path) -> None:
+    write_jsonl(data_dir / "secrets.jsonl", SECRETS_RECORDS)
+
+    def predict_all(text: str) -> list[Finding]:
+        return PREDICTIONS.get(text, []) + SECRET_PREDICTIONS.get(text, [])
+
+    systems = [System("stand-in", predict_all, PRODUCIBLE, secrets_types=frozenset({"GITHUB_TOKEN", "JWT"}))]
+    report = evaluate(data_dir, systems, pii_threshold=0.5, injection_threshold=0.8)
+    (secrets,) = report_to_json(report)["secrets"]
+    markdown = render_markdown(report)
+
+    assert report.secrets_rows == 2
+    assert secrets["by_type"]["GITHUB_TOKEN"]["overlap"] == Counts(tp=1).as_dict()
+    assert secrets["by_type"]["JWT"]["overlap"] == Counts(fp=1).as_dict()
+    assert "common six" not in secrets["totals"]
+    assert "## Secrets: stand-in" in markdown
+    # Secrets findings never count as PII predictions.
+    assert "GITHUB_TOKEN" not in report_to_json(report)["pii"][0]["by_type"]
+
+
+def test_evaluate_without_secrets_file(data_dir: Path) -> None:
+    systems = [System("stand-in", predict, PRODUCIBLE, evaluate_injection=False, secrets_types=frozenset({"JWT"}))]
+    report = evaluate(data_dir, systems, pii_threshold=0.5, injection_threshold=0.8)
+
+    assert report.secrets_rows == 0
+    assert report.secrets == []
+    assert "## Secrets" not in render_markdown(report)
+
+
+def test_test_tables_export_evaluates(tmp_path: Path) -> None:
+    """The detector tests' tables export to a data folder that `extguard eval` reads."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "test_tables.py"
+    exported = subprocess.run(
+        [sys.executable, str(script), "--out", str(tmp_path / "tables")], capture_output=True, text=True, timeout=120
+    )
+    assert exported.returncode == 0, exported.stderr
+
+    result = run_eval_cli("--data", str(tmp_path / "tables"), "--json")
+    report = json.loads(result.stdout)
+
+    assert result.returncode == 0, result.stderr
+    assert report["secrets_rows"] > 100
+    assert report["secrets"][0]["by_type"]["URL_PASSWORD"]["overlap"]["tp"] > 0
+    assert report["injection"][0]["by_category"]["benign"]["tn"] > 0
+
+
 def test_evaluate_missing_folder_names_option(tmp_path: Path) -> None:
     with pytest.raises(EvaluationDataError, match="not found: .*absent; pass another folder with --data"):
         evaluate(tmp_path / "absent", [], pii_threshold=0.5, injection_threshold=0.8)

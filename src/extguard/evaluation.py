@@ -1,6 +1,6 @@
-"""Evaluation of the PII and prompt-injection detectors on labelled JSON-lines data.
+"""Evaluation of the PII, secrets and prompt-injection detectors on labelled JSON-lines data.
 
-The data folder contains `pii.jsonl` and `injection.jsonl`:
+The data folder contains `pii.jsonl` and `injection.jsonl`, and may contain `secrets.jsonl`:
 
 - A PII row has `text` and `entities` (each with `type`, `start`, `end` in characters of
   `text`). `labelled_types`, when present, lists the only types annotated on that row, so only
@@ -8,8 +8,9 @@ The data folder contains `pii.jsonl` and `injection.jsonl`:
   a valid X. A prediction of type X on it is a false positive, and the row is no evidence
   about other types.
 - An injection row has `text`, `label` ("injection" or "benign") and `category`.
+- A secrets row has the fields of a PII row, with the secrets detector's entity types.
 
-PII predictions are scored per entity type. A prediction is a true positive when its type
+PII and secrets predictions are scored per entity type, each against its own file. A prediction is a true positive when its type
 matches a gold span that it overlaps; each gold span and each prediction is matched at most
 once, larger overlaps first. The exact-span figures require equal start and end. Predicted types
 that the data never labels are listed apart and left out of the totals, and gold types a system
@@ -239,6 +240,7 @@ class PiiScores:
     by_type: dict[str, Counts]
     exact_by_type: dict[str, Counts]
     unscored_predictions: dict[str, int]
+    detector: str = "pii"
 
     def total(self, types: Iterable[str], *, exact: bool = False) -> Counts:
         """Return the micro-averaged counts over `types`."""
@@ -251,16 +253,15 @@ class PiiScores:
     def scopes(self) -> dict[str, list[str]]:
         """Return the type lists of the reported totals, by scope name."""
         data_types = sorted(self.by_type)
-        return {
-            "common six": list(COMMON_PII_TYPES),
-            "types the system produces": [t for t in data_types if t in self.producible],
-            "all labelled types": data_types,
-        }
+        scopes = {"common six": list(COMMON_PII_TYPES)} if self.detector == "pii" else {}
+        scopes["types the system produces"] = [t for t in data_types if t in self.producible]
+        scopes["all labelled types"] = data_types
+        return scopes
 
 
-def data_types(rows: Sequence[PiiRow]) -> frozenset[str]:
-    """Return every type the data labels: gold types, `labelled_types` and `lookalike_of`."""
-    types: set[str] = set(COMMON_PII_TYPES)
+def data_types(rows: Sequence[PiiRow], base_types: Iterable[str] = COMMON_PII_TYPES) -> frozenset[str]:
+    """Return `base_types` and every type the data labels: gold types, `labelled_types` and `lookalike_of`."""
+    types: set[str] = set(base_types)
     for row in rows:
         types.update(span.entity_type for span in row.entities)
         types.update(row.labelled_types or ())
@@ -275,15 +276,21 @@ def score_pii(
     predict: Predict,
     producible: Iterable[str],
     threshold: float,
+    *,
+    detector: str = "pii",
 ) -> PiiScores:
-    """Score `predict` on `rows`; only PII findings scoring at least `threshold` count."""
-    labelled = data_types(rows)
+    """Score `predict` on `rows`; only findings of `detector` scoring at least `threshold` count.
+
+    Secrets rows are scored with `detector="secrets"`; the common six PII types are then not
+    added to the labelled types.
+    """
+    labelled = data_types(rows, COMMON_PII_TYPES if detector == "pii" else ())
     by_type = {entity_type: Counts() for entity_type in labelled}
     exact_by_type = {entity_type: Counts() for entity_type in labelled}
     unscored: Counter[str] = Counter()
 
     for row in rows:
-        predicted = _predicted_spans(predict(row.text), threshold)
+        predicted = _predicted_spans(predict(row.text), threshold, detector)
         scope = row.scored_types()
         gold_by_type = _group_by_type(row.entities)
         predicted_by_type = _group_by_type(predicted)
@@ -299,15 +306,15 @@ def score_pii(
             _add_matches(by_type[entity_type], gold, spans, count_overlap_matches(gold, spans))
             _add_matches(exact_by_type[entity_type], gold, spans, count_exact_matches(gold, spans))
 
-    return PiiScores(system, frozenset(producible), by_type, exact_by_type, dict(sorted(unscored.items())))
+    return PiiScores(system, frozenset(producible), by_type, exact_by_type, dict(sorted(unscored.items())), detector)
 
 
-def _predicted_spans(findings: Sequence[Finding], threshold: float) -> list[Span]:
-    """Return the distinct spans of PII findings at or above `threshold`."""
+def _predicted_spans(findings: Sequence[Finding], threshold: float, detector: str) -> list[Span]:
+    """Return the distinct spans of `detector`'s findings at or above `threshold`."""
     spans = {
         Span(finding.entity_type, finding.start, finding.end)
         for finding in findings
-        if finding.detector == "pii" and finding.score >= threshold
+        if finding.detector == detector and finding.score >= threshold
     }
     return sorted(spans, key=lambda span: (span.start, span.end, span.entity_type))
 
@@ -388,13 +395,17 @@ def score_injection(system: str, rows: Sequence[InjectionRow], predict: Predict,
 
 @dataclass(frozen=True, slots=True)
 class System:
-    """A system under evaluation: a name, a predict function and the PII types it can output."""
+    """A system under evaluation: a name, a predict function and the PII and secret types it can output.
+
+    Secrets are scored only for a system with `secrets_types`.
+    """
 
     name: str
     predict: Predict
     pii_types: frozenset[str]
     evaluate_pii: bool = True
     evaluate_injection: bool = True
+    secrets_types: frozenset[str] = frozenset()
 
 
 @dataclass(slots=True)
@@ -407,6 +418,8 @@ class EvaluationReport:
     pii: list[PiiScores] = field(default_factory=list)
     injection: list[InjectionScores] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    secrets_rows: int = 0
+    secrets: list[PiiScores] = field(default_factory=list)
 
 
 def evaluate(
@@ -425,13 +438,26 @@ def evaluate(
         raise EvaluationDataError(f"evaluation data folder not found: {data_dir}; pass another folder with --data")
     pii_rows = load_pii_rows(data_dir / "pii.jsonl")
     injection_rows = load_injection_rows(data_dir / "injection.jsonl")
+    secrets_path = data_dir / "secrets.jsonl"
+    secrets_rows = load_pii_rows(secrets_path) if secrets_path.exists() else []
 
     report = EvaluationReport(
-        data_dir, len(pii_rows), len(injection_rows), pii_threshold, injection_threshold, notes=list(notes)
+        data_dir,
+        len(pii_rows),
+        len(injection_rows),
+        pii_threshold,
+        injection_threshold,
+        notes=list(notes),
+        secrets_rows=len(secrets_rows),
     )
     for system in systems:
         if system.evaluate_pii:
             report.pii.append(score_pii(system.name, pii_rows, system.predict, system.pii_types, pii_threshold))
+        if secrets_rows and system.secrets_types:
+            secrets = score_pii(
+                system.name, secrets_rows, system.predict, system.secrets_types, pii_threshold, detector="secrets"
+            )
+            report.secrets.append(secrets)
         if system.evaluate_injection:
             report.injection.append(score_injection(system.name, injection_rows, system.predict, injection_threshold))
     return report
@@ -450,6 +476,8 @@ def report_to_json(report: EvaluationReport) -> dict[str, Any]:
         "injection_threshold": report.injection_threshold,
         "notes": report.notes,
         "pii": [_pii_json(scores) for scores in report.pii],
+        "secrets_rows": report.secrets_rows,
+        "secrets": [_pii_json(scores) for scores in report.secrets],
         "injection": [
             {
                 "system": scores.system,
@@ -499,8 +527,9 @@ def render_markdown(report: EvaluationReport) -> str:
     lines = [
         "# extguard detector evaluation",
         "",
-        f"Data: `{report.data_dir}` ({report.pii_rows} PII rows, {report.injection_rows} injection rows).",
-        f"PII findings count at score ≥ {report.pii_threshold:g}; a row is flagged as injection at score ≥ "
+        f"Data: `{report.data_dir}` ({report.pii_rows} PII rows, {report.injection_rows} injection rows, "
+        f"{report.secrets_rows} secrets rows).",
+        f"PII and secrets findings count at score ≥ {report.pii_threshold:g}; a row is flagged as injection at score ≥ "
         f"{report.injection_threshold:g}.",
         "A PII prediction is a true positive when its type matches and its span overlaps a gold span "
         "(one-to-one); the exact columns require the same start and end.",
@@ -511,6 +540,8 @@ def render_markdown(report: EvaluationReport) -> str:
         lines.extend(_render_pii_comparison(report.pii))
         for scores in report.pii:
             lines.extend(_render_pii_system(scores))
+    for scores in report.secrets:
+        lines.extend(_render_pii_system(scores))
     if report.injection:
         lines.extend(_render_injection(report.injection))
     return "\n".join(lines) + "\n"
@@ -558,7 +589,8 @@ def _render_pii_system(scores: PiiScores) -> list[str]:
         label = entity_type if entity_type in scores.producible else f"{entity_type} (not produced)"
         per_type.append(_counts_row(label, counts, scores.exact_by_type[entity_type]))
 
-    lines = ["", f"## PII: {scores.system}", "", *_table(header, totals), "", *_table(header, per_type)]
+    title = "PII" if scores.detector == "pii" else "Secrets"
+    lines = ["", f"## {title}: {scores.system}", "", *_table(header, totals), "", *_table(header, per_type)]
     if scores.unscored_predictions:
         listing = ", ".join(f"{name} {count}" for name, count in scores.unscored_predictions.items())
         lines.extend(["", f"Predictions of types the data does not label (not scored): {listing}."])

@@ -434,8 +434,16 @@ def _eval_systems(args: argparse.Namespace) -> tuple[list[Any], list[str]]:
 
     detectors = list(_load_detectors(args.detectors_from).values())
     pii_types = frozenset().union(*(d.entity_types for d in detectors if d.name == "pii"))
-    systems = [System("extguard inline", lambda text: [f for d in detectors for f in d.scan(text)], pii_types)]
-    notes = ["The project's own detector tests keep their cases inside the test modules, so they are not scored here."]
+    secrets_types = frozenset().union(*(d.entity_types for d in detectors if d.name == "secrets"))
+    systems = [
+        System(
+            "extguard inline",
+            lambda text: [f for d in detectors for f in d.scan(text)],
+            pii_types,
+            secrets_types=secrets_types,
+        )
+    ]
+    notes: list[str] = []
 
     if args.no_presidio:
         notes.append("Presidio was skipped (--no-presidio).")
