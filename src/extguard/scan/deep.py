@@ -567,6 +567,7 @@ def _build_prompt_injection(settings: LlmGuardSettings) -> PromptInjectionScanne
     # huggingface_hub reads these when it is first imported.
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    _quiet_llm_guard_logs()
     from llm_guard.input_scanners import PromptInjection
     from llm_guard.input_scanners.prompt_injection import MatchType
     from llm_guard.model import Model as LlmGuardModelSpec
@@ -576,6 +577,20 @@ def _build_prompt_injection(settings: LlmGuardSettings) -> PromptInjectionScanne
         pipeline_kwargs={"return_token_type_ids": False, "max_length": settings.max_length, "truncation": True},
     )
     return PromptInjection(model=spec, threshold=settings.threshold, match_type=MatchType(settings.match_type))
+
+
+def _quiet_llm_guard_logs() -> None:
+    """Send llm-guard's structlog output to stderr, errors only.
+
+    By default structlog prints every event to stdout, which would mix a debug line per model
+    load and a warning per detected injection into `extguard scan`'s JSON lines.
+    """
+    import structlog
+
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+    )
 
 
 class LlmGuardEngine(_PooledEngine):
