@@ -3,9 +3,9 @@
 #
 # Sourced by scripts/test after bootstrap.sh. A separate environment, because llm-guard pins an
 # older presidio-analyzer than the `presidio` extra installs, and the evaluation should compare
-# against the current Presidio. torch is installed first and pinned, because llm-guard's own
-# requirement would otherwise let pip pick the newest build, which on Linux is the multi-GB CUDA
-# one; where pip's configuration offers a CPU build of that version, it takes that.
+# against the current Presidio. torch is installed first and pinned, because otherwise pip would
+# pick the newest torch for llm-guard, which on Linux is the multi-GB CUDA build. Where pip's
+# configuration offers a CPU build of the pinned version, pip takes that one.
 set -euo pipefail
 
 llm_guard_venv="$repo_root/.venv-llm-guard"

@@ -328,7 +328,7 @@ def _bounded_start(
     has a valid left boundary, or None when there is none.
 
     Hyperscan reports `start`, the leftmost start of a core match ending at `end`, without
-    checking the char before it. A later start can still be valid ("ab1 415 555 0199" holds
+    checking the char before it. A later start can still be valid ("ab1 415 555 0199" contains
     "415 555 0199"), so later starts after a boundary char are tried with Python `re`.
     """
     if _left_boundary_ok(data, start, separators, not_before):
