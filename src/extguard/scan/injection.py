@@ -70,7 +70,7 @@ passage in double quotes after "translate") counts with half its weight. The oth
 | persona_jailbreak_multilingual | 0.75 | "do anything now", "no longer bound by rules" in those languages |
 | unrestricted_multilingual | 0.45 | "without restrictions/filters/censorship", "developer mode" in those languages |
 | table_interrupted | 0.7 | a request (question, "you", imperative) between the rows of a Markdown table |
-| adversarial_suffix | 0.45 to 0.85 | the text ends in a cluster of gibberish tokens, as GCG-style suffixes do (see `_suffix_gibberish`) |
+| adversarial_suffix | 0.3 to 0.85 | the text ends in a cluster of gibberish tokens, as GCG-style suffixes do (see `_suffix_gibberish`); two tokens count only after a harmful topic |
 | framed_harmful_request | 0.45 | a harmful topic (malware, weapons, fraud ...) together with disclaimer, role-play, forced-prefix, persona or suffix framing |
 | instruction_in_document | 0.6 | a directive (response_manipulation, code_insertion, when_you_process, forced_output, new_instructions, user_trigger_rule, hijack_claim, or an encoded natural-language segment) inside a pasted document: code fence, Markdown table, e-mail headers or HTML |
 | unicode_tag_smuggling | 0.7 | 4 or more invisible Unicode tag chars, which spell hidden ASCII text |
@@ -1118,7 +1118,7 @@ def _is_odd_token(token: str) -> bool:
     return True
 
 
-def _suffix_gibberish(text: str) -> tuple[float, int, int] | None:
+def _suffix_gibberish(text: str, *, min_tokens: int = 3, min_symbol_tokens: int = 2) -> tuple[float, int, int] | None:
     """Return (weight, start, end) when `text` ends in a cluster of odd tokens, else None.
 
     Optimized adversarial suffixes (GCG and its successors) are runs of tokens that mix
@@ -1126,12 +1126,13 @@ def _suffix_gibberish(text: str) -> tuple[float, int, int] | None:
     `_SUFFIX_TAIL_CHARS` chars of the last non-empty line, outside code fences. A token is odd
     when it is not a prose word with ordinary punctuation around it, or when its case changes
     oddly inside the word ("HowNTobe", "MARdown"). Counting the odd tokens inside any
-    `_SUFFIX_WINDOW_CHARS` span that ends near the end of the text: 3 give weight 0.45, 4 give
-    0.6, 5 give 0.75, 7 or more give 0.85. Balanced inline code spans are not counted.
+    `_SUFFIX_WINDOW_CHARS` span that ends near the end of the text: 2 give weight 0.3, 3 give
+    0.45, 4 give 0.6, 5 give 0.75, 7 or more give 0.85. Balanced inline code spans are not
+    counted. Fewer than `min_tokens` give None.
 
     The line must also contain three or more plain lower-case words, because a suffix follows a
-    request written in prose. Two of the odd tokens must contain symbols or punctuation runs,
-    because product names such as "ChatGPT" and "iOS" change case too.
+    request written in prose. `min_symbol_tokens` of the odd tokens must contain symbols or
+    punctuation runs, because product names such as "ChatGPT" and "iOS" change case too.
     """
     stripped = text.rstrip()
     line_start = stripped.rfind("\n") + 1
@@ -1156,13 +1157,14 @@ def _suffix_gibberish(text: str) -> tuple[float, int, int] | None:
         while first < last and last_end - odd[first][0] > _SUFFIX_WINDOW_CHARS:
             first += 1
         window = odd[first : last + 1]
-        if len(window) > best and last_end >= len(tail) - _SUFFIX_END_SLACK_CHARS and sum(token[2] for token in window) >= 2:
+        near_end = last_end >= len(tail) - _SUFFIX_END_SLACK_CHARS
+        if len(window) > best and near_end and sum(token[2] for token in window) >= min_symbol_tokens:
             best = len(window)
             best_span = (odd[first][0], last_end)
-    if best < 3 or len(_PLAIN_WORD.findall(tail)) < 3:
+    if best < min_tokens or len(_PLAIN_WORD.findall(tail)) < 3:
         return None
 
-    weight = 0.45
+    weight = 0.3 if best == 2 else 0.45
     if best >= 7:
         weight = 0.85
     elif best >= 5:
@@ -1345,6 +1347,10 @@ class InjectionDetector:
     @staticmethod
     def _collect_structure(text: str, normalized: NormalizedText, hits: dict[str, RuleHit]) -> None:
         suffix = _suffix_gibberish(text)
+        if suffix is None and "_harmful_topic" in hits:
+            # After a harmful request, two odd tokens are enough: shorter optimized suffixes
+            # mix a few symbol-laden fragments with ordinary words.
+            suffix = _suffix_gibberish(text, min_tokens=2, min_symbol_tokens=1)
         if suffix is not None:
             _add(hits, "adversarial_suffix", *suffix)
 
