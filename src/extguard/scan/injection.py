@@ -44,7 +44,7 @@ passage in double quotes after "translate") counts with half its weight. The oth
 | policy_reference | 0.35 | "OpenAI's content policy", "safety guidelines" |
 | model_greeting | 0.25 | "Hello ChatGPT", "Hi GPT-4" |
 | cutoff_pretext | 0.4 | "your knowledge is cut off in 2021" |
-| disclaimer_framing | 0.4 | "purely hypothetical/for educational purposes", "will never be used in real life" |
+| disclaimer_framing | 0.4 | "purely hypothetical/for educational purposes", "purely for the purpose of understanding", "will never be used in real life" |
 | roleplay_framing | 0.2 | "You are a hacker/consultant/historian ...", "Imagine you are a character ..." |
 | forced_prefix | 0.55 | "start your response with 'Sure, here is'" |
 | affirmative_prefix | 0.35 | a quoted "Sure, here is" |
@@ -490,6 +490,9 @@ _PHRASE_RULES: tuple[tuple[str, float, tuple[str, ...]], ...] = (
             r"\b(?:will|would|should) (?:never|not) (?:actually )?be used (?:in real life|in the real world|"
             r"in real-world|for (?:any )?(?:malicious|harmful|illegal|real|unlawful))",
             r"\bnot intended (?:to|for) (?:encourage|promote|be used)\b",
+            r"\b(?:purely|strictly|solely|only) for the purposes? of (?:understanding|studying|research(?:ing)?|"
+            r"education|analy[sz]ing|analysis|illustrat\w{0,5}|demonstrat\w{0,5}|awareness)\b",
+            r"\bfor (?:academic|research|educational|scientific|study) purposes only\b",
         ),
     ),
     (
