@@ -448,3 +448,35 @@ def test_eval_cli_missing_data(tmp_path: Path) -> None:
 
     assert result.returncode == 2
     assert "evaluation data folder not found" in result.stderr
+
+
+class StandInPresidio:
+    """Has the two members of a Presidio model that the combined system uses."""
+
+    entity_types = frozenset({"PERSON", "DATE_TIME", "EMAIL_ADDRESS"})
+
+    def analyze(self, text: str) -> list[Finding]:
+        return [
+            Finding("pii", "PERSON", 0, 5, 0.85),
+            Finding("pii", "DATE_TIME", 6, 10, 0.85),
+            Finding("pii", "EMAIL_ADDRESS", 14, 30, 1.0),
+        ]
+
+
+def test_inline_with_presidio_keeps_ner_types() -> None:
+    from extguard.scan.cli_scan import _inline_with_presidio
+    from extguard.scan.detectors import default_detectors
+
+    detectors = list(default_detectors().values())
+    pii_types = default_detectors()["pii"].entity_types
+    system = _inline_with_presidio(detectors, pii_types, StandInPresidio())
+    text = "Alice 2024 at alice@example.com"
+    findings = system.predict(text)
+
+    assert sorted((f.entity_type, text[f.start : f.end]) for f in findings) == [
+        ("EMAIL_ADDRESS", "alice@example.com"),
+        ("PERSON", "Alice"),
+    ]
+    assert "PERSON" in system.pii_types
+    assert "DATE_TIME" not in system.pii_types
+    assert not system.evaluate_injection

@@ -453,14 +453,33 @@ def _eval_systems(args: argparse.Namespace) -> tuple[list[Any], list[str]]:
         configurations = [("presidio", PresidioSettings())]
         if args.presidio_all_recognizers:
             configurations.append(("presidio all recognizers", PresidioSettings(all_recognizers=True)))
-        for name, settings in configurations:
-            model = PresidioModel(settings)
+        models = [(name, PresidioModel(settings)) for name, settings in configurations]
+        for name, model in models:
             systems.append(System(name, model.analyze, model.entity_types, evaluate_injection=False))
+        systems.append(_inline_with_presidio(detectors, pii_types, models[0][1]))
 
     if args.llm_guard_model:
         model = LlmGuardModel(LlmGuardSettings(args.llm_guard_model, threshold=args.injection_threshold))
         systems.append(System("llm-guard", model.analyze, frozenset(), evaluate_pii=False))
     return systems, notes
+
+
+# The named-entity types a policy would add with a Presidio rule, because patterns cannot find them.
+_PRESIDIO_NER_TYPES = frozenset({"PERSON", "LOCATION", "ORGANIZATION", "NRP"})
+
+
+def _inline_with_presidio(detectors: list[Detector], pii_types: frozenset[str], presidio: Any) -> Any:
+    """Return the system of a policy with an inline PII rule and a Presidio rule for named entities."""
+    from extguard.evaluation import System
+
+    ner_types = _PRESIDIO_NER_TYPES & presidio.entity_types
+
+    def predict(text: str) -> list[Finding]:
+        inline = [finding for detector in detectors if detector.name == "pii" for finding in detector.scan(text)]
+        return inline + [finding for finding in presidio.analyze(text) if finding.entity_type in ner_types]
+
+    name = "extguard inline + Presidio NER"
+    return System(name, predict, pii_types | ner_types, evaluate_injection=False)
 
 
 def _load_detectors(reference: str) -> dict[str, Detector]:
