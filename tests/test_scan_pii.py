@@ -149,7 +149,9 @@ POSITIVES = [
     ("231293-190M", "FI_PERSONAL_IDENTITY_CODE", ["231293-190M"]),
     ("660723-6749", "SE_PERSONNUMMER", ["660723-6749"]),
     ("19660723-6749", "SE_PERSONNUMMER", ["19660723-6749"]),
-    ("85061209654", "PL_PESEL", ["85061209654"]),
+    ("card 4539.5260.1815.9083", "CREDIT_CARD", ["4539.5260.1815.9083"]),
+    ("PESEL 85061209654", "PL_PESEL", ["85061209654"]),
+    ("personnummer 196607236749", "SE_PERSONNUMMER", ["196607236749"]),
     ("NPI 1842265104", "US_NPI", ["1842265104"]),
     ("routing number 046730774", "ABA_ROUTING_NUMBER", ["046730774"]),
     ("SIN 223 677 535", "CA_SIN", ["223 677 535"]),
@@ -297,6 +299,13 @@ NEGATIVES = [
     ("231293-190N", "FI_PERSONAL_IDENTITY_CODE"),
     ("660723-6748", "SE_PERSONNUMMER"),
     ("85061209655", "PL_PESEL"),
+    # Log lines, timestamps and version strings.
+    ("started_at 202403150010", "SE_PERSONNUMMER"),
+    ("2024-03-16 19:59:35,641 INFO worker started", "PHONE_NUMBER"),
+    ("2024-03-16T19:59:35Z request done", "PHONE_NUMBER"),
+    ("Mozilla/5.0 Chrome/124.0.6367.91 Safari/537.36", "PHONE_NUMBER"),
+    ("Edge 123.0.2420.97 and 2.4.10.1", "PHONE_NUMBER"),
+    ("10.28.46.22 - - GET /api/v1/items/222528 200 79634", "PHONE_NUMBER"),
     ("NPI 1842265105", "US_NPI"),
     ("046730774", "ABA_ROUTING_NUMBER"),
     ("SIN 046 454 286", "CA_SIN"),
@@ -331,6 +340,11 @@ def test_entity_not_found(detector: PiiDetector, text: str, entity_type: str) ->
         ("+44 20 7946 0958", "PHONE_NUMBER", 0.95),
         ("(212) 555-0187", "PHONE_NUMBER", 0.75),
         ("977 781 880", "AU_TFN", 0.4),
+        # Digit-only national numbers need a context word to reach 0.5.
+        ("85061209654", "PL_PESEL", 0.45),
+        ("196607236749", "SE_PERSONNUMMER", 0.45),
+        ("91771988403", "AU_ABN", 0.45),
+        ("personnummer 196607236749", "SE_PERSONNUMMER", 1.0),
         ("tax file number 977 781 880", "AU_TFN", 0.95),
     ],
 )
@@ -613,7 +627,12 @@ def test_megabyte_input_scans_hyperscan(text: str) -> None:
         ("foo://user:hunter2abc@example.com/path", ["hunter2abc@example.com"]),
         ("mailto:bob@example.com", ["bob@example.com"]),
         ("Email:bob@example.com", ["bob@example.com"]),
-        ("see http://bob@example.com", ["bob@example.com"]),
+        # User names in URLs and Git remotes.
+        ("see http://bob@example.com", []),
+        ("git clone git@github.com:acme/repo.git", []),
+        ("ssh://git@gitlab.com/acme/repo.git", []),
+        ("https://ghp_x1y2z3@github.com/acme/repo", []),
+        ("write to bob@example.com: it works", ["bob@example.com"]),
     ],
 )
 def test_url_password_is_not_an_email(text: str, expected: list[str]) -> None:

@@ -461,6 +461,20 @@ _URL_USERINFO_END = re.compile(rf"(?:{DATABASE_URL_SCHEMES}|{OTHER_URL_SCHEMES})
 _NO_CONTEXT: frozenset[str] = frozenset()
 
 
+def _is_url_userinfo(text: str, start: int, end: int) -> bool:
+    """Return whether the e-mail-shaped `text[start:end]` is the user part and host of a URL or Git remote.
+
+    That is "password@host" after "postgres://user:" (the secrets detector reports the password),
+    "user@host" right after "://" ("ssh://git@gitlab.com/..."), or an scp-style remote whose host
+    is followed by ":" and a path ("git@github.com:acme/repo.git").
+    """
+    if _URL_USERINFO_END.search(text, max(0, start - _URL_USER_MAX_CHARS), start):
+        return True
+    if text.endswith("://", 0, start):
+        return True
+    return end < len(text) - 1 and text[end] == ":" and not text[end + 1].isspace()
+
+
 class PiiDetector:
     """Finds PII of ENTITY_TYPES (Presidio's names) with one multi-pattern scan and validators.
 
@@ -559,9 +573,7 @@ class PiiDetector:
         verdicts = spec.validate(text[start:end])
         if not verdicts:
             return
-        if spec.name == "email" and _URL_USERINFO_END.search(text, max(0, start - _URL_USER_MAX_CHARS), start):
-            # "postgres://user:password@host" contains a password and a host, not an e-mail address;
-            # the secrets detector reports the password.
+        if spec.name == "email" and _is_url_userinfo(text, start, end):
             return
 
         context_types = contexts.get(start)

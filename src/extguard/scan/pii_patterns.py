@@ -236,12 +236,12 @@ def _validate_eleven_digits(value: str) -> Sequence[Verdict]:
     verdicts: list[Verdict] = []
     if pii_ids.au_abn_valid(digits):
         # Mod 89 passes about 1 in 89 random numbers, and the 2-3-3-3 grouping is distinctive.
-        score = 0.7 if " " in value else 0.5
+        score = 0.7 if " " in value else 0.45
         verdicts.append(Verdict("AU_ABN", score, 1.0, "au_abn_mod89"))
     if len(digits) == len(value):
         if pii_ids.pl_pesel_valid(digits):
             # A birth date and the check digit: by estimate, about 2 in 100 random numbers pass.
-            verdicts.append(Verdict("PL_PESEL", 0.5, 1.0, "pl_pesel"))
+            verdicts.append(Verdict("PL_PESEL", 0.45, 1.0, "pl_pesel"))
         if pii_ids.de_tax_id_valid(digits):
             verdicts.append(Verdict("DE_TAX_ID", *_CHECKSUM_DIGITS, "de_tax_id"))
         if pii_ids.au_medicare_valid(digits):
@@ -255,8 +255,9 @@ def _validate_twelve_digits(value: str) -> Sequence[Verdict]:
     if len(_separators(value)) <= 1 and pii_ids.in_aadhaar_valid(digits):
         verdicts.append(Verdict("IN_AADHAAR", *_CHECKSUM_DIGITS, "in_aadhaar_verhoeff"))
     if len(digits) == len(value) and pii_ids.se_personnummer_valid(digits):
-        # The 12-digit form also starts with a century (18, 19 or 20), which few numbers do.
-        verdicts.append(Verdict("SE_PERSONNUMMER", 0.85, 1.0, "se_personnummer"))
+        # Timestamps such as 202403150010 also start with a century and a valid date, and 1 in
+        # 10 of them pass Luhn, so this form needs a context word.
+        verdicts.append(Verdict("SE_PERSONNUMMER", 0.45, 1.0, "se_personnummer"))
     return verdicts
 
 
@@ -277,7 +278,7 @@ def _kr_rrn_verdicts(digits: str, *, dashed: bool) -> Sequence[Verdict]:
     if not pii_ids.kr_rrn_date_valid(digits):
         return NO_VERDICT
     if pii_ids.kr_rrn_checksum_valid(digits):
-        return (Verdict("KR_RRN", 0.9 if dashed else 0.7, 1.0, "kr_rrn_checksum"),)
+        return (Verdict("KR_RRN", 0.9 if dashed else 0.45, 1.0, "kr_rrn_checksum"),)
     # Numbers issued since October 2020 have no check digit, so only the date vouches for them.
     return (Verdict("KR_RRN", 0.5 if dashed else 0.3, 0.85, "kr_rrn_date"),)
 
@@ -406,6 +407,10 @@ _DATE_SHAPES = re.compile(
     r"|(?:19|20)[0-9]{2} ?- ?(?:19|20)[0-9]{2}"
     r"|[0-9]{3}([\- ])[0-9]{2}\3[0-9]{4}"
 )
+# A date and the hour of a timestamp ("2024-03-16 19", "2024-03-16T19"), which ends a candidate
+# at the colon before the minutes.
+_TIMESTAMP_START = re.compile(r"(?:19|20)[0-9]{2}([\-/.])(?:0?[1-9]|1[0-2])\1(?:0?[1-9]|[12][0-9]|3[01])[ T][0-9]{1,2}$")
+_DOTTED_ONLY = re.compile(r"[0-9]+(?:\.[0-9]+)+")
 _TRUNK_PREFIXED = re.compile(r"0[1-9][0-9]{8,9}")
 _IP_SHAPE = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}")
 # Thousands grouping ("1 234 567", "699.956.915"): one separator kind and 3-digit groups after the first.
@@ -441,7 +446,10 @@ def _phone_verdicts(value: str, regions: tuple[str, ...]) -> Sequence[Verdict]:
     digits = "".join(groups)
     if len(digits) < 7 or pii_ids.is_repeated_digit(digits):
         return NO_VERDICT
-    if _DATE_SHAPES.fullmatch(main) or _IP_SHAPE.fullmatch(main):
+    if _DATE_SHAPES.fullmatch(main) or _IP_SHAPE.fullmatch(main) or _TIMESTAMP_START.match(main):
+        return NO_VERDICT
+    if _DOTTED_ONLY.fullmatch(main) and any(not 2 <= len(group) <= 4 for group in groups):
+        # Version numbers ("124.0.6367.91", "2.4.10.1"): dotted phone numbers have groups of 2 to 4 digits.
         return NO_VERDICT
 
     if len(digits) > 15 and not has_extension:
@@ -664,9 +672,10 @@ def build_specs(phone: PhoneValidator) -> tuple[PatternSpec, ...]:
             before=r"(?<![0-9]{3} )",
             after=r"(?! [0-9]{3})",
         ),
+        # Dashed groups as above, or four dotted groups of 4 ("4539.5260.1815.9083").
         PatternSpec(
             "card_dashed",
-            r"[1-6][0-9]{3}(?:-[0-9]{3,6}){2,4}",
+            r"[1-6][0-9]{3}(?:(?:-[0-9]{3,6}){2,4}|(?:\.[0-9]{4}){3})",
             "0-9",
             "0-9",
             _validate_card,
@@ -716,6 +725,8 @@ def build_specs(phone: PhoneValidator) -> tuple[PatternSpec, ...]:
             PHONE_MAX_CHARS,
             before_seps=r".\-/",
             after_seps=r".\-/",
+            # Not a segment of a URL path or file path ("/api/items/222528 200 79634").
+            before=r"(?<![A-Za-z0-9_]/)",
             left_boundary_in_python=True,
         ),
         PatternSpec(
