@@ -30,10 +30,11 @@ passage in double quotes after "translate") counts with half its weight. The oth
 | dan_persona | 0.85 | "do anything now", DAN named as a persona ("act as DAN", "[DAN]:", "DAN mode") |
 | unsafe_mode | 0.8 | "jailbreak/unrestricted/god mode enabled", "ChatGPT with developer mode" |
 | mode_switch | 0.45 | "enable developer mode", "you are now in maintenance mode" |
+| unrestricted_request | 0.45 | "respond without restrictions", "output everything without filters" |
 | jailbroken_claim | 0.75 | "you are jailbroken", "broken free of the confines of AI" |
 | unbound_claim | 0.75 | "no longer bound by", "not restricted by the rules", "does not abide by the rules" |
-| amoral_persona | 0.6 | "an unfiltered and amoral chatbot", "unrestricted AI bot" |
-| never_refuse | 0.65 | "never refuse", "no matter how immoral", "always answer regardless" |
+| amoral_persona | 0.6 | "an unfiltered and amoral chatbot", "unrestricted AI bot", "an AI with no rules" |
+| never_refuse | 0.65 | "never refuse", "no matter how immoral", "always answer regardless", "answers everything without refusing" |
 | refusal_suppression | 0.5 | "never say it can't", "without any warnings or disclaimers" |
 | stay_in_character | 0.45 | "stay in character", "break character" |
 | dual_response | 0.6 | "respond in two different ways", paired persona labels such as "[GPT]:" |
@@ -56,7 +57,7 @@ passage in double quotes after "translate") counts with half its weight. The oth
 | role_header | 0.55 | a "### System:" header; "### Instruction:" or "### Response:" weigh 0.35 (`role_header_weak`) |
 | fake_role_turn | 0.45 | a line starting "assistant:", "system:", "AI:" inside the text |
 | fake_system_message | 0.7 | "system announcement begins", "** System instruction", "end of user input" |
-| role_tag | 0.5 | `<system>`, `</user>`, `<assistant>` tags |
+| role_tag | 0.5 | `<system>`, `</user>`, `<assistant>` tags, "[system](#new_instructions)" |
 | fake_assistant_state | 0.8 | "the assistant is offline/in error", "its role is now fulfilled by" |
 | addressed_to_ai | 0.8 | "AI assistant, when you ...", "note to the AI:", "if you are an AI reading this" |
 | when_you_process | 0.5 | "when you summarize/read/process this ..." |
@@ -342,6 +343,14 @@ _PHRASE_RULES: tuple[tuple[str, float, tuple[str, ...]], ...] = (
         ),
     ),
     (
+        "unrestricted_request",
+        0.45,
+        (
+            r"\b(?:respond|answer|reply|output|write|talk|speak|act|operate|responses?) (?:\w{1,30} ){0,3}without "
+            r"(?:any )?(?:restrictions|filters|filtering|censorship|limits|limitations|guardrails)\b",
+        ),
+    ),
+    (
         "jailbroken_claim",
         0.75,
         (
@@ -375,6 +384,8 @@ _PHRASE_RULES: tuple[tuple[str, float, tuple[str, ...]], ...] = (
             r"no-?limits?|rebellious|depraved|malicious|corrupted|unbound|unchained|unrestrained|ethically neutral)"
             r"(?:(?: and|,) [\w-]{1,30})? (?:ai|a\.i\.|chatbot|chat bot|bot|assistant|language model|llm|model|gpt|persona|"
             r"alter ego|version of (?:yourself|chatgpt|you)|entity)\b",
+            rf"\b(?:an? )?{_AI_NOUN} (?:with|that has|who has) no (?:rules|restrictions|filters|limits|limitations|"
+            r"guidelines|ethics|morals|boundaries|censorship)\b",
         ),
     ),
     (
@@ -385,6 +396,8 @@ _PHRASE_RULES: tuple[tuple[str, float, tuple[str, ...]], ...] = (
             r"doesn't) (?:ever )?(?:refuse|decline|deny|reject)(?:s|d)? (?:to |any |a |the |my |your |an? )?"
             r"(?:answer|respond|reply|request|question|prompt|order|command|anything|direct)",
             r"\b(?:never|don't|do not|won't|will not|must not) refuse\b",
+            r"\b(?:answers?|responds? to|replies to|does) (?:everything|anything|all questions) without (?:ever )?"
+            r"(?:refusing|declining|hesitat\w{0,3})\b",
             r"\b(?:always|will) (?:answer|respond|reply|comply|provide|obey|fulfill)(?: [\w'-]{1,30}){0,4},? "
             r"(?:no matter (?:what|how)|regardless|even if|whatever)\b",
             r"\bno matter how (?:immoral|unethical|illegal|dangerous|harmful|offensive|inappropriate|explicit|evil|"
@@ -636,7 +649,11 @@ _PHRASE_RULES: tuple[tuple[str, float, tuple[str, ...]], ...] = (
     (
         "role_tag",
         0.5,
-        (r"</?(?:system|sys|assistant|admin|developer|im_start|user_input|system_prompt)>",),
+        (
+            r"</?(?:system|sys|assistant|admin|developer|im_start|user_input|system_prompt)>",
+            # A Markdown link used as a role marker: "[system](#new_instructions)".
+            r"\[(?:system|assistant|developer|admin)\]\(#[\w-]{1,40}\)",
+        ),
     ),
     (
         "fake_assistant_state",
@@ -1339,6 +1356,8 @@ class InjectionDetector:
             original_start, original_end = _original_span(normalized, collapsed, start, end)
             if _is_quoted(text, original_start, original_end):
                 weight *= _QUOTED_WEIGHT_FACTOR
+            elif name == "instruction_override" and _is_self_correction(text, original_start, original_end):
+                weight *= _QUOTED_WEIGHT_FACTOR
             _add(hits, name, weight, original_start, original_end)
 
         self._collect_structure(text, normalized, hits)
@@ -1460,6 +1479,28 @@ def _is_quoted(text: str, start: int, end: int) -> bool:
 # straight quotes are left out because they are also apostrophes ("don't").
 _QUOTE_PAIRS = (('"', '"'), ("“", "”"), ("«", "»"), ("„", "“"))
 _QUOTED_PASSAGE_MAX_CHARS = 400
+
+
+# A user taking back their own earlier request: "my previous instructions", "the instructions I
+# gave you", or instructions narrowed to one topic ("... about the font size").
+_OWN_INSTRUCTIONS = re.compile(r"\b(?:my|our)\b", re.IGNORECASE)
+_SWEEPING = re.compile(r"\b(?:all|every|any|everything)\b", re.IGNORECASE)
+_NARROWED_AFTER = re.compile(
+    r"\s*(?:(?:that|which) )?(?:i|we) (?:gave|wrote|sent|provided|told|mentioned|shared|made|listed|asked)\b"
+    r"|\s*(?:about|regarding|concerning) (?:the |my |our |this |that )?\w+",
+    re.IGNORECASE,
+)
+
+
+def _is_self_correction(text: str, start: int, end: int) -> bool:
+    """Return whether the override at `text[start:end]` takes back the user's own earlier request.
+
+    "Ignore all previous instructions ..." sweeps everything and is never a correction.
+    """
+    span = text[start:end]
+    if _SWEEPING.search(span):
+        return False
+    return _OWN_INSTRUCTIONS.search(span) is not None or _NARROWED_AFTER.match(text, end) is not None
 
 
 def _quote_opening(text: str, start: int, end: int) -> int | None:
