@@ -30,6 +30,28 @@ def test_check_config_lists_every_error(tmp_path: Path) -> None:
     assert f"{policy}:4: default.rules.pii.action" in result.stderr
 
 
+def test_check_config_notes_empty_policy(tmp_path: Path) -> None:
+    policy = tmp_path / "empty.yaml"
+    policy.write_text("version: 1\n", encoding="utf-8")
+    result = run_cli("check-config", str(policy))
+
+    assert result.returncode == 0
+    assert "note: no rule is enabled" in result.stdout
+
+
+def test_check_config_notes_missing_model_folder(tmp_path: Path) -> None:
+    policy = tmp_path / "llm-guard.yaml"
+    policy.write_text(
+        f"deep_engines:\n  llm_guard: {{model_path: {tmp_path / 'absent'}, deadline_ms: 1000}}\n"
+        "default:\n  rules:\n    classifier: {detector: llm_guard, action: block}\n",
+        encoding="utf-8",
+    )
+    result = run_cli("check-config", str(policy))
+
+    assert result.returncode == 0
+    assert f"model_path {tmp_path / 'absent'} is not a folder here" in result.stdout
+
+
 def test_serve_refuses_invalid_policy(tmp_path: Path) -> None:
     policy = tmp_path / "bad.yaml"
     policy.write_text("routes: {}\n", encoding="utf-8")

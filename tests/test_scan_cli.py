@@ -161,12 +161,13 @@ def test_scan_bad_lines_reported_and_skipped(tmp_path: Path, capsys: pytest.Capt
         json.dumps(["text"]),
         b'{"text": "caf\xe9"}',
         json.dumps({"text": f"card {CARD}"}),
+        '{"text": "x \\ud800"}',
     ]
 
     status, results = scan(tmp_path, capsys, lines)
 
     assert status == 1
-    assert len(results) == 7  # the blank line is skipped
+    assert len(results) == 8  # the blank line is skipped
     assert results[0]["findings"][0]["type"] == "EMAIL_ADDRESS"
     assert results[1]["error"].startswith("line 2: not valid JSON")
     assert results[2] == {"error": "line 3: missing field `text`"}
@@ -174,6 +175,16 @@ def test_scan_bad_lines_reported_and_skipped(tmp_path: Path, capsys: pytest.Capt
     assert results[4] == {"error": "line 6: expected a JSON object with a `text` field"}
     assert results[5]["error"].startswith("line 7: not valid UTF-8")
     assert results[6]["findings"][0]["type"] == "CREDIT_CARD"
+    assert results[7] == {"error": "line 9: field `text` is not valid Unicode: a lone surrogate escape at character 2"}
+
+
+def test_scan_accepts_byte_order_mark(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    line = b"\xef\xbb\xbf" + json.dumps({"text": "alice@example.com"}).encode()
+
+    status, results = scan(tmp_path, capsys, [line])
+
+    assert status == 0
+    assert results[0]["findings"][0]["type"] == "EMAIL_ADDRESS"
 
 
 @pytest.mark.parametrize(
@@ -182,6 +193,7 @@ def test_scan_bad_lines_reported_and_skipped(tmp_path: Path, capsys: pytest.Capt
         (("--detectors", "pii,faces"), "--detectors: unknown or no detector names ['faces']"),
         (("--policy", str(EXAMPLE_POLICY), "--detectors", "pii"), "--detectors applies only without --policy"),
         (("--policy", str(EXAMPLE_POLICY), "--injection-threshold", "0.5"), "--injection-threshold applies only"),
+        (("--direction", "request"), "--direction applies only with --policy"),
         (("--deep", "magic"), "--deep: unknown engine 'magic'"),
         (("--deep", "llm-guard"), "--deep llm-guard"),
         (("--detectors", "secrets", "--deep", "presidio"), "--deep presidio adds pii findings, but no pii rule"),

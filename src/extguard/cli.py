@@ -7,6 +7,8 @@ import asyncio
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from extguard import __version__
 
@@ -80,7 +82,33 @@ def _run_check_config(args: argparse.Namespace) -> int:
             f"note: {policies.hash_key_env} is not set here, so hash mask tokens would use a random key "
             "that changes on every restart and differs between replicas."
         )
+    has_rules = default.request_rules or default.response_rules
+    if not has_rules and not any(resolved.request_rules or resolved.response_rules for _, resolved in policies.routes):
+        print("note: no rule is enabled, so extguard would pass every request and response unchanged.")
+    for note in _deep_engine_notes(args.policy, policies):
+        print(f"note: {note}")
     return 0
+
+
+def _deep_engine_notes(path: str, policies: Any) -> list[str]:
+    """Return what `extguard serve` would miss on this machine to start the policy's deep engines."""
+    import importlib.util
+
+    import yaml
+
+    notes = []
+    names = {detector.name for detector in policies.deep_detectors()}
+    if "presidio" in names and importlib.util.find_spec("presidio_analyzer") is None:
+        notes.append("a rule uses presidio, which is not installed here (pip install 'extguard[presidio]').")
+    if "llm_guard" in names:
+        if importlib.util.find_spec("llm_guard") is None:
+            notes.append("a rule uses llm_guard, which is not installed here (pip install 'extguard[llm-guard]').")
+        with open(path, encoding="utf-8") as file:
+            settings = (yaml.safe_load(file).get("deep_engines") or {}).get("llm_guard") or {}
+        model_path = settings.get("model_path")
+        if model_path and not Path(model_path).is_dir():
+            notes.append(f"deep_engines.llm_guard.model_path {model_path} is not a folder here; serve would not start.")
+    return notes
 
 
 def _count(number: int, noun: str) -> str:

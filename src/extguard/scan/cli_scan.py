@@ -90,8 +90,7 @@ def _add_rule_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--direction",
         choices=[direction.value for direction in Direction],
-        default=Direction.BOTH.value,
-        help="with --policy: use the rules of this direction (default %(default)s)",
+        help=f"with --policy: use the rules of this direction (default {Direction.BOTH.value})",
     )
 
     parser.add_argument(
@@ -120,7 +119,11 @@ def _add_deep_options(parser: argparse.ArgumentParser) -> None:
         type=_comma_list,
         default=[],
         metavar="ENGINES",
-        help=f"also run these deep engines, comma-separated: {', '.join(DEEP_ENGINES)}",
+        help=(
+            f"also run these deep engines, comma-separated: {', '.join(DEEP_ENGINES)}. Their findings join "
+            "the pii or injection rule and pass its entity filter and threshold; a policy rule with "
+            "`detector: presidio` chooses Presidio's entities itself"
+        ),
     )
     parser.add_argument(
         "--llm-guard-model", metavar="DIR", help="local folder of the classifier that --deep llm-guard loads"
@@ -188,7 +191,7 @@ def _policy_rules(args: argparse.Namespace, detectors: dict[str, Detector]) -> l
             raise UsageError(f"{flag} applies only without --policy; set it in the policy's rules instead")
 
     default = load_policy(args.policy, detectors).default
-    direction = Direction(args.direction)
+    direction = Direction(args.direction or Direction.BOTH.value)
     rules: dict[str, ScanRule] = {}
     if direction.covers(Direction.REQUEST):
         rules.update((rule.name, rule) for rule in default.request_rules)
@@ -199,6 +202,8 @@ def _policy_rules(args: argparse.Namespace, detectors: dict[str, Detector]) -> l
 
 
 def _option_rules(args: argparse.Namespace, detectors: dict[str, Detector]) -> list[ScanRule]:
+    if getattr(args, "direction", None) is not None:
+        raise UsageError("--direction applies only with --policy, whose rules have a direction")
     names = args.detectors if args.detectors is not None else list(detectors)
     unknown = [name for name in names if name not in detectors]
     if unknown or not names:
@@ -332,7 +337,8 @@ async def _detect(detector: Detector, text: str) -> list[Finding]:
 
 def _read_text(line: bytes) -> str:
     try:
-        record = json.loads(line.decode("utf-8"))
+        # utf-8-sig drops the byte order mark that some editors write at the start of a file.
+        record = json.loads(line.decode("utf-8-sig"))
     except UnicodeDecodeError as error:
         raise ValueError(f"not valid UTF-8: {error}") from None
     except json.JSONDecodeError as error:
@@ -341,9 +347,15 @@ def _read_text(line: bytes) -> str:
         raise ValueError("expected a JSON object with a `text` field")
     if "text" not in record:
         raise ValueError("missing field `text`")
-    if not isinstance(record["text"], str):
-        raise ValueError(f"field `text` must be a string, got {type(record['text']).__name__}")
-    return record["text"]
+    text = record["text"]
+    if not isinstance(text, str):
+        raise ValueError(f"field `text` must be a string, got {type(text).__name__}")
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise ValueError(f"field `text` is not valid Unicode: a lone surrogate escape at character {error.start}") from None
+    return text
 
 
 def _finding_json(finding: Finding) -> dict[str, Any]:
