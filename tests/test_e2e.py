@@ -331,6 +331,25 @@ def test_extguard_down_fails_closed(tmp_path) -> None:  # type: ignore[no-untype
         assert upstream.bodies() == []
 
 
+def test_extguard_timeout_answers_json_504(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """extguard frozen mid-request: Envoy's message_timeout ends it with a 504 in the JSON error shape."""
+    with Stack(policy=EXAMPLE_POLICY, work_dir=tmp_path) as own:
+        upstream = UpstreamRecord(own.upstream_url)
+        extguard = own.process("extguard")
+        client = openai.OpenAI(base_url=f"{own.base_url}/v1", api_key="k", max_retries=0, timeout=20)
+        extguard.send_signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(openai.APIStatusError) as raised:
+                client.chat.completions.create(model="gpt-4o-mini", messages=user("hello"))
+        finally:
+            extguard.send_signal(signal.SIGCONT)
+
+        assert raised.value.status_code == 504
+        assert raised.value.message.endswith("The gateway timed out while checking the request. Retry later.")
+        assert raised.value.body["code"] == "gateway_timeout"
+        assert upstream.bodies() == []
+
+
 def test_sigterm_lets_stream_in_flight_finish(tmp_path) -> None:  # type: ignore[no-untyped-def]
     with Stack(policy=EXAMPLE_POLICY, work_dir=tmp_path) as own:
         client = openai.OpenAI(base_url=f"{own.base_url}/v1", api_key="k", max_retries=0, timeout=20)
