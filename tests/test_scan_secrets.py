@@ -92,6 +92,7 @@ ANTHROPIC = f"sk-ant-api03-{chars(BASE64URL, 93)}AA"
 ANTHROPIC_OTHER = f"sk-ant-oat01-{chars(BASE64URL, 60)}"
 STRIPE_SECRET = "sk_live_" + chars(ALNUM, 24)
 STRIPE_RESTRICTED = "rk_live_" + chars(ALNUM, 99)
+HUGGINGFACE = "hf_" + chars(ALNUM, 34)
 JWT = ".".join(
     [
         b64url_json({"alg": "HS256", "typ": "JWT"}),
@@ -179,6 +180,7 @@ FOUND = [
     pytest.param(f"{ANTHROPIC_OTHER}\n", "ANTHROPIC_API_KEY", ANTHROPIC_OTHER, id="anthropic-oauth"),
     pytest.param(f"stripe.api_key = '{STRIPE_SECRET}'", "STRIPE_API_KEY", STRIPE_SECRET, id="stripe-secret"),
     pytest.param(f"{STRIPE_RESTRICTED}", "STRIPE_API_KEY", STRIPE_RESTRICTED, id="stripe-restricted"),
+    pytest.param(f"HF_TOKEN={HUGGINGFACE}", "HUGGINGFACE_TOKEN", HUGGINGFACE, id="huggingface"),
     pytest.param(f"Here is my key:\n{RSA_KEY}\nThanks", "PRIVATE_KEY", RSA_KEY, id="pem-rsa"),
     pytest.param(f"{PKCS8_KEY}\n", "PRIVATE_KEY", PKCS8_KEY, id="pem-pkcs8"),
     pytest.param(f"cat id_ed25519\n{OPENSSH_KEY}", "PRIVATE_KEY", OPENSSH_KEY, id="pem-openssh"),
@@ -262,6 +264,8 @@ NOT_FOUND = [
     pytest.param(JWT.rsplit(".", 1)[0], id="jwt-two-segments"),
     pytest.param(JWT.rsplit(".", 1)[0] + ".abc", id="jwt-short-signature"),
     pytest.param(JWT + "." + chars(BASE64URL, 20), id="jwt-four-segments"),
+    pytest.param("from huggingface_hub import hf_hub_download", id="huggingface-function"),
+    pytest.param("hf_" + "a" * 34, id="huggingface-filler"),
     pytest.param("postgres://app@db.internal/app", id="db-no-password"),
     pytest.param("postgres://app:password@localhost/app", id="db-placeholder-password"),
     pytest.param("mysql://app:${DB_PASSWORD}@db/app", id="db-template-password"),
@@ -667,7 +671,7 @@ STREAM_TEXTS = [
     pytest.param(PROSE + f"\n{GCP_JSON}\nDoes it look right?", id="gcp-json"),
     pytest.param(
         "Grüße aus Köln — 日本語のテキスト 🎉 " + PROSE + f"{GITHUB_PAT} {GITLAB_PAT} {OPENAI_PROJECT} "
-        f"{ANTHROPIC} {STRIPE_SECRET} {GOOGLE_KEY} {SLACK_BOT}.",
+        f"{ANTHROPIC} {STRIPE_SECRET} {GOOGLE_KEY} {SLACK_BOT} {HUGGINGFACE}.",
         id="vendor-tokens-non-ascii",
     ),
     pytest.param(
@@ -732,12 +736,12 @@ def test_stream_random_splits_equal_whole(text: str) -> None:
 # hold-back must also cover matches that start inside runs, end at odd places or nest.
 SOUP_FRAGMENTS = [
     AWS_KEY_ID, AWS_SECRET, GOOGLE_KEY, GITHUB_PAT, GITHUB_FINE_GRAINED, GITLAB_PAT, SLACK_BOT, SLACK_USER,
-    SLACK_WEBHOOK, OPENAI_PROJECT, OPENAI_PLAIN, ANTHROPIC, STRIPE_SECRET, JWT, EC_KEY, JSON_ESCAPED_KEY,
+    SLACK_WEBHOOK, OPENAI_PROJECT, OPENAI_PLAIN, ANTHROPIC, STRIPE_SECRET, HUGGINGFACE, JWT, EC_KEY, JSON_ESCAPED_KEY,
     AZURE_CONNECTION, SAS_URL, DB_PASSWORD, GENERIC_VALUE, UUID, GIT_SHA,
     "password = ", 'password = "', "passwd: ", "api_key=", "'apiKey' => '", "token: ", "secret := ",
     "aws_secret_access_key = ", "AWS_SECRET_ACCESS_KEY=", '"', "'", "\\", '\\"', "postgres://app:",
-    "mongodb+srv://u:", "redis://:", "@db.internal/x", "@", ":", "https://", "hooks.slack.com/services/",
-    "sk-", "sk-ant-api03-", "sk_live_", "AKIA", "ghp_", "glpat-", "xoxb-", "eyJ", ".",
+    "mongodb+srv://u:", "redis://:", "https://ci:", "@db.internal/x", "@", ":", "https://", "hooks.slack.com/services/",
+    "sk-", "sk-ant-api03-", "sk_live_", "hf_", "AKIA", "ghp_", "glpat-", "xoxb-", "eyJ", ".",
     "-----BEGIN PRIVATE KEY-----\n", "\n-----END PRIVATE KEY-----", "---", '{"type": "service_account", ',
     '"private_key": "', "}", "?sv=2022&sig=", "&sig=", "%2B", "=", "DefaultEndpointsProtocol=https;AccountKey=",
     " ", " ", "\n", ",", ";", "(", "the ", "Grüße ", "日本 ", "🎉", "-", "_", "a", "A", "0", "x", "s",

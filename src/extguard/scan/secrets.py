@@ -21,6 +21,7 @@ Kinds, by entity type. "Span" is what a finding covers, so what a MASK rule repl
 | OPENAI_API_KEY                  | sk- + 20 to 256 of [A-Za-z0-9_-], not sk-ant-                  | key           | 1.0 or 0.9 |
 | ANTHROPIC_API_KEY               | sk-ant- + 32 to 200 of [A-Za-z0-9_-]                           | key           | 1.0 or 0.9 |
 | STRIPE_API_KEY                  | sk_live_ or rk_live_ + 20 to 247 of [A-Za-z0-9]                | key           | 0.9        |
+| HUGGINGFACE_TOKEN               | hf_ + 30 to 40 of [A-Za-z0-9]                                  | token         | 0.9        |
 | PRIVATE_KEY                     | -----BEGIN ... PRIVATE KEY----- through its END line (PKCS#8,  | whole block   | 1.0 or 0.9 |
 |                                 | RSA, EC, DSA, OpenSSH, encrypted, PGP ... PRIVATE KEY BLOCK)   |               |            |
 | JWT                             | three base64url segments, the header JSON with "alg"           | token         | 0.9        |
@@ -540,6 +541,7 @@ _ANTHROPIC_SHAPE = re.compile(r"(?:api|admin)[0-9]{2}-[A-Za-z0-9_\-]{93}AA")
 
 _STRIPE = re.compile(r"(?<![A-Za-z0-9_])[sr]k_live_([A-Za-z0-9]{20,247}+)(?![A-Za-z0-9_])")
 _GOOGLE_API_KEY = re.compile(r"(?<![A-Za-z0-9_\-])AIza([A-Za-z0-9_\-]{35})(?![A-Za-z0-9_\-])")
+_HUGGINGFACE = re.compile(r"(?<![A-Za-z0-9_])hf_([A-Za-z0-9]{30,40})(?![A-Za-z0-9_])")
 
 
 def _find_openai_key(text: str, start: int) -> Finding | None:
@@ -567,6 +569,13 @@ def _find_stripe_key(text: str, start: int) -> Finding | None:
     if match is None or _looks_like_filler(match.group(1)):
         return None
     return _finding("STRIPE_API_KEY", start, match.end(), 0.9, "stripe_api_key")
+
+
+def _find_huggingface_token(text: str, start: int) -> Finding | None:
+    match = _HUGGINGFACE.match(text, start)
+    if match is None or _looks_like_filler(match.group(1)):
+        return None
+    return _finding("HUGGINGFACE_TOKEN", start, match.end(), 0.9, "huggingface_token")
 
 
 def _find_google_api_key(text: str, start: int) -> Finding | None:
@@ -828,6 +837,7 @@ _KINDS: tuple[_Kind, ...] = (
     _Kind(r"sk-", False, _find_openai_key),
     _Kind(r"sk-ant-", False, _find_anthropic_key),
     _Kind(r"[sr]k_live_", False, _find_stripe_key),
+    _Kind(r"hf_", False, _find_huggingface_token),
     _Kind(r"AIza", False, _find_google_api_key),
     _Kind(_GCP_MARKER, False, _find_gcp_service_account),
     _Kind(_AZURE_CONNECTION_START, True, _find_azure_connection_string),
@@ -855,6 +865,7 @@ ENTITY_TYPES = frozenset(
         "OPENAI_API_KEY",
         "ANTHROPIC_API_KEY",
         "STRIPE_API_KEY",
+        "HUGGINGFACE_TOKEN",
         "PRIVATE_KEY",
         "JWT",
         "DATABASE_URL_PASSWORD",
@@ -894,6 +905,7 @@ _SHORT_TOKEN_TAIL_ALTERNATIVES = (
     r"(?<![A-Za-z0-9_\-])"
     + _prefix_pattern([("lit", "sk-"), ("rep", rf"[A-Za-z0-9_\-]{{0,{_OPENAI_KEY_BODY_MAX_CHARS}}}")]),
     rf"(?<![A-Za-z0-9_])(?:{_literal_alternatives(('sk_live_', 'rk_live_'), ('rep', '[A-Za-z0-9]{0,247}'))})",
+    r"(?<![A-Za-z0-9_])" + _prefix_pattern([("lit", "hf_"), ("rep", "[A-Za-z0-9]{0,40}")]),
     r"(?<![A-Za-z0-9_\-])" + _prefix_pattern([("lit", "AIza"), ("rep", r"[A-Za-z0-9_\-]{0,35}")]),
     r"(?<![A-Za-z0-9_\-.])(?i:"
     + _literal_alternatives(
@@ -909,7 +921,7 @@ _SHORT_TOKEN_TAIL = re.compile(
 # The longest match of the alternatives above: xoxe.xoxp- style Slack prefixes and 260 chars.
 _SHORT_TOKEN_MAX_CHARS = 5 + 260
 # First chars of the alternatives above after a non-word char: case-sensitive (AKIA, AIza,
-# GR1348941, gh, gl, sk, rk, xox, xapp) and caseless (hooks, http, DefaultEndpointsProtocol).
+# GR1348941, gh, gl, sk, rk, hf, xox, xapp) and caseless (hooks, http, DefaultEndpointsProtocol).
 # Every alternative's lookbehind rejects at least the word chars, so no match starts elsewhere.
 _SHORT_TOKEN_START = re.compile(r"(?<![A-Za-z0-9_])[AGgrsxHhDd]")
 # A URL of those schemes is held from its scheme, once "://" is there, until the host starts. A
