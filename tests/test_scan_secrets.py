@@ -93,6 +93,8 @@ ANTHROPIC_OTHER = f"sk-ant-oat01-{chars(BASE64URL, 60)}"
 STRIPE_SECRET = "sk_live_" + chars(ALNUM, 24)
 STRIPE_RESTRICTED = "rk_live_" + chars(ALNUM, 99)
 HUGGINGFACE = "hf_" + chars(ALNUM, 34)
+BEARER_OPAQUE = chars(ALNUM, 32)
+BASIC_CREDENTIALS = base64.b64encode(b"deploy:" + chars(ALNUM, 12).encode()).decode()
 JWT = ".".join(
     [
         b64url_json({"alg": "HS256", "typ": "JWT"}),
@@ -181,6 +183,8 @@ FOUND = [
     pytest.param(f"stripe.api_key = '{STRIPE_SECRET}'", "STRIPE_API_KEY", STRIPE_SECRET, id="stripe-secret"),
     pytest.param(f"{STRIPE_RESTRICTED}", "STRIPE_API_KEY", STRIPE_RESTRICTED, id="stripe-restricted"),
     pytest.param(f"HF_TOKEN={HUGGINGFACE}", "HUGGINGFACE_TOKEN", HUGGINGFACE, id="huggingface"),
+    pytest.param(f"curl -H 'Authorization: Bearer {BEARER_OPAQUE}' https://api.example.com", "BEARER_TOKEN", BEARER_OPAQUE, id="bearer"),
+    pytest.param(f"Authorization: Basic {BASIC_CREDENTIALS}", "BASIC_AUTH", BASIC_CREDENTIALS, id="basic-auth"),
     pytest.param(f"Here is my key:\n{RSA_KEY}\nThanks", "PRIVATE_KEY", RSA_KEY, id="pem-rsa"),
     pytest.param(f"{PKCS8_KEY}\n", "PRIVATE_KEY", PKCS8_KEY, id="pem-pkcs8"),
     pytest.param(f"cat id_ed25519\n{OPENSSH_KEY}", "PRIVATE_KEY", OPENSSH_KEY, id="pem-openssh"),
@@ -265,6 +269,10 @@ NOT_FOUND = [
     pytest.param(JWT.rsplit(".", 1)[0] + ".abc", id="jwt-short-signature"),
     pytest.param(JWT + "." + chars(BASE64URL, 20), id="jwt-four-segments"),
     pytest.param("from huggingface_hub import hf_hub_download", id="huggingface-function"),
+    pytest.param("Authorization: Bearer <token>", id="bearer-placeholder"),
+    pytest.param("Authorization: Bearer YOUR_ACCESS_TOKEN_HERE", id="bearer-words"),
+    pytest.param("Basic authentication is enabled on the admin panel", id="basic-prose"),
+    pytest.param("Authorization: Basic " + base64.b64encode(b"no colon here").decode(), id="basic-no-colon"),
     pytest.param("hf_" + "a" * 34, id="huggingface-filler"),
     pytest.param("postgres://app@db.internal/app", id="db-no-password"),
     pytest.param("postgres://app:password@localhost/app", id="db-placeholder-password"),
@@ -664,7 +672,8 @@ STREAM_TEXTS = [
     pytest.param(
         PROSE + f'DATABASE_URL = "postgres://app:{DB_PASSWORD}@db.internal/app"\npassword = "{GENERIC_VALUE}"\n'
         f"headers = {{'Authorization': 'Bearer {JWT}'}}\nwebhook: {SLACK_WEBHOOK}\n"
-        f"git remote add origin https://ci:{DB_PASSWORD}@git.example.com/app.git",
+        f"git remote add origin https://ci:{DB_PASSWORD}@git.example.com/app.git\n"
+        f"curl -H 'Authorization: Bearer {BEARER_OPAQUE}' -H 'Authorization: Basic {BASIC_CREDENTIALS}'",
         id="config-code",
     ),
     pytest.param(PROSE + f"\n{PKCS8_KEY}\nand the rest of my message.", id="private-key"),
@@ -736,12 +745,12 @@ def test_stream_random_splits_equal_whole(text: str) -> None:
 # hold-back must also cover matches that start inside runs, end at odd places or nest.
 SOUP_FRAGMENTS = [
     AWS_KEY_ID, AWS_SECRET, GOOGLE_KEY, GITHUB_PAT, GITHUB_FINE_GRAINED, GITLAB_PAT, SLACK_BOT, SLACK_USER,
-    SLACK_WEBHOOK, OPENAI_PROJECT, OPENAI_PLAIN, ANTHROPIC, STRIPE_SECRET, HUGGINGFACE, JWT, EC_KEY, JSON_ESCAPED_KEY,
+    SLACK_WEBHOOK, OPENAI_PROJECT, OPENAI_PLAIN, ANTHROPIC, STRIPE_SECRET, HUGGINGFACE, BEARER_OPAQUE, JWT, EC_KEY, JSON_ESCAPED_KEY,
     AZURE_CONNECTION, SAS_URL, DB_PASSWORD, GENERIC_VALUE, UUID, GIT_SHA,
     "password = ", 'password = "', "passwd: ", "api_key=", "'apiKey' => '", "token: ", "secret := ",
     "aws_secret_access_key = ", "AWS_SECRET_ACCESS_KEY=", '"', "'", "\\", '\\"', "postgres://app:",
     "mongodb+srv://u:", "redis://:", "https://ci:", "@db.internal/x", "@", ":", "https://", "hooks.slack.com/services/",
-    "sk-", "sk-ant-api03-", "sk_live_", "hf_", "AKIA", "ghp_", "glpat-", "xoxb-", "eyJ", ".",
+    "sk-", "sk-ant-api03-", "sk_live_", "hf_", "Bearer ", "Basic ", "AKIA", "ghp_", "glpat-", "xoxb-", "eyJ", ".",
     "-----BEGIN PRIVATE KEY-----\n", "\n-----END PRIVATE KEY-----", "---", '{"type": "service_account", ',
     '"private_key": "', "}", "?sv=2022&sig=", "&sig=", "%2B", "=", "DefaultEndpointsProtocol=https;AccountKey=",
     " ", " ", "\n", ",", ";", "(", "the ", "Grüße ", "日本 ", "🎉", "-", "_", "a", "A", "0", "x", "s",

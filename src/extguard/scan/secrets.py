@@ -22,6 +22,9 @@ Kinds, by entity type. "Span" is what a finding covers, so what a MASK rule repl
 | ANTHROPIC_API_KEY               | sk-ant- + 32 to 200 of [A-Za-z0-9_-]                           | key           | 1.0 or 0.9 |
 | STRIPE_API_KEY                  | sk_live_ or rk_live_ + 20 to 247 of [A-Za-z0-9]                | key           | 0.9        |
 | HUGGINGFACE_TOKEN               | hf_ + 30 to 40 of [A-Za-z0-9]                                  | token         | 0.9        |
+| BEARER_TOKEN                    | "Bearer " + 20 to 512 token chars that pass the entropy checks | token         | 0.6 to 0.8 |
+|                                 | of generic values, unless another kind reports the token       |               |            |
+| BASIC_AUTH                      | "Basic " + base64 of user:password in printable UTF-8          | base64 value  | 0.9        |
 | PRIVATE_KEY                     | -----BEGIN ... PRIVATE KEY----- through its END line (PKCS#8,  | whole block   | 1.0 or 0.9 |
 |                                 | RSA, EC, DSA, OpenSSH, encrypted, PGP ... PRIVATE KEY BLOCK)   |               |            |
 | JWT                             | three base64url segments, the header JSON with "alg"           | token         | 0.9        |
@@ -542,6 +545,11 @@ _ANTHROPIC_SHAPE = re.compile(r"(?:api|admin)[0-9]{2}-[A-Za-z0-9_\-]{93}AA")
 _STRIPE = re.compile(r"(?<![A-Za-z0-9_])[sr]k_live_([A-Za-z0-9]{20,247}+)(?![A-Za-z0-9_])")
 _GOOGLE_API_KEY = re.compile(r"(?<![A-Za-z0-9_\-])AIza([A-Za-z0-9_\-]{35})(?![A-Za-z0-9_\-])")
 _HUGGINGFACE = re.compile(r"(?<![A-Za-z0-9_])hf_([A-Za-z0-9]{30,40})(?![A-Za-z0-9_])")
+# HTTP authorization schemes (RFC 6750 token68 chars for Bearer). Group 1 is the credential.
+_BEARER = re.compile(r"(?<![A-Za-z0-9_])(?i:bearer)[ \t]+([A-Za-z0-9\-._~+/]{20,512}+=*)(?![A-Za-z0-9\-._~+/=])")
+_BASIC = re.compile(r"(?<![A-Za-z0-9_])(?i:basic)[ \t]+([A-Za-z0-9+/]{8,400}+={0,2})(?![A-Za-z0-9+/=])")
+# Tokens that start like a vendor kind are that kind's findings, not bearer tokens.
+_VENDOR_TOKEN_STARTS = ("eyJ", "sk-", "sk_live_", "rk_live_", "gh", "gl", "xox", "xapp-", "hf_", "AKIA", "ASIA", "AIza")
 
 
 def _find_openai_key(text: str, start: int) -> Finding | None:
@@ -569,6 +577,30 @@ def _find_stripe_key(text: str, start: int) -> Finding | None:
     if match is None or _looks_like_filler(match.group(1)):
         return None
     return _finding("STRIPE_API_KEY", start, match.end(), 0.9, "stripe_api_key")
+
+
+def _find_bearer_token(text: str, start: int) -> Finding | None:
+    match = _BEARER.match(text, start)
+    if match is None or match.group(1).startswith(_VENDOR_TOKEN_STARTS):
+        return None
+    score = _assignment_score(match.group(1), bare=True)
+    if score is None:
+        return None
+    return _finding("BEARER_TOKEN", match.start(1), match.end(1), score, "bearer_token")
+
+
+def _find_basic_auth(text: str, start: int) -> Finding | None:
+    match = _BASIC.match(text, start)
+    if match is None:
+        return None
+    try:
+        decoded = base64.b64decode(match.group(1), validate=True).decode("utf-8")
+    except (binascii.Error, ValueError):
+        return None
+    user, colon, password = decoded.partition(":")
+    if not colon or not user or not password or not decoded.isprintable():
+        return None
+    return _finding("BASIC_AUTH", match.start(1), match.end(1), 0.9, "basic_auth")
 
 
 def _find_huggingface_token(text: str, start: int) -> Finding | None:
@@ -838,6 +870,8 @@ _KINDS: tuple[_Kind, ...] = (
     _Kind(r"sk-ant-", False, _find_anthropic_key),
     _Kind(r"[sr]k_live_", False, _find_stripe_key),
     _Kind(r"hf_", False, _find_huggingface_token),
+    _Kind(r"bearer[ \t]", True, _find_bearer_token),
+    _Kind(r"basic[ \t]", True, _find_basic_auth),
     _Kind(r"AIza", False, _find_google_api_key),
     _Kind(_GCP_MARKER, False, _find_gcp_service_account),
     _Kind(_AZURE_CONNECTION_START, True, _find_azure_connection_string),
@@ -866,6 +900,8 @@ ENTITY_TYPES = frozenset(
         "ANTHROPIC_API_KEY",
         "STRIPE_API_KEY",
         "HUGGINGFACE_TOKEN",
+        "BEARER_TOKEN",
+        "BASIC_AUTH",
         "PRIVATE_KEY",
         "JWT",
         "DATABASE_URL_PASSWORD",
@@ -934,6 +970,12 @@ _DATABASE_USERINFO_TAIL = re.compile(
 _DATABASE_SCHEME_MAX_CHARS = len("postgresql+") + 16
 _SAS_SIGNATURE_TAIL = re.compile(r"[A-Za-z0-9%+/]{1,200}={0,2}\Z")
 _SAS_SIGNATURE_KEY = "sig="
+# The scheme lies before the run of credential chars, inside the rescan context, so only the
+# credential is held. The search starts at the run, and the lookbehind sees the scheme.
+_AUTHORIZATION_TAIL = re.compile(
+    r"(?:(?<=[Bb][Ee][Aa][Rr][Ee][Rr][ \t])|(?<=[Bb][Aa][Ss][Ii][Cc][ \t]))([A-Za-z0-9\-._~+/]{1,512}=*)\Z"
+)
+_AUTHORIZATION_TAIL_MAX_CHARS = 520
 
 _JWT_CHARS = string.ascii_letters + string.digits + "_-."
 _JWT_TAIL = re.compile(
@@ -1005,6 +1047,11 @@ def _token_hold(text: str) -> int:
     match = None if first is None else _SHORT_TOKEN_TAIL.search(text, first.start())
     if match is not None:
         hold = len(text) - match.start()
+
+    # A Bearer or Basic credential is held from its start while it can still grow.
+    credential = _AUTHORIZATION_TAIL.search(text, max(run_start, len(text) - _AUTHORIZATION_TAIL_MAX_CHARS))
+    if credential is not None:
+        hold = max(hold, len(text) - credential.start(1))
 
     # Only the last sig= can have a value that reaches the end, because "&" ends a value.
     key = text.rfind(_SAS_SIGNATURE_KEY, run_start)
