@@ -68,6 +68,25 @@ def test_masked_request_keeps_json_and_sets_content_length(processor) -> None:  
     assert header_value(common.header_mutation, "content-length") == str(len(new_body))
 
 
+def test_large_bodies_scanned_in_worker_thread(processor) -> None:  # type: ignore[no-untyped-def]
+    """Bodies over THREAD_SCAN_MIN_BYTES take the worker-thread path and are masked the same way."""
+    filler = "GET /api/v1/items/222528 200 79634\n" * 3000
+    assert len(filler) > 64 * 1024
+    answer = {"id": "c1", "object": "chat.completion", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": filler + "bye z@example.io"}, "finish_reason": "stop"}]}
+    replies = processor.exchange([
+        request_headers(),
+        body_message("request_body", chat_body(filler + "Mail a.b@example.com please")),
+        response_headers("application/json"),
+        body_message("response_body", json.dumps(answer).encode()),
+    ])
+
+    request = json.loads(replies[1].request_body.response.body_mutation.body)
+    response = json.loads(replies[3].response_body.response.body_mutation.body)
+    assert request["messages"][0]["content"] == filler + "Mail <EMAIL_ADDRESS> please"
+    assert response["choices"][0]["message"]["content"] == filler + "bye <EMAIL_ADDRESS>"
+
+
 @pytest.mark.parametrize(
     "content",
     [

@@ -45,6 +45,9 @@ log = logging.getLogger("extguard.extproc")
 # Content codings extguard can decode for scanning. Others are removed from `accept-encoding`
 # on the way upstream, so a provider never responds in a coding extguard cannot read.
 DECODABLE_ENCODINGS = ("gzip", "x-gzip", "deflate")
+# Bodies from this size on are scanned in a worker thread: a 64 KiB prompt of log lines takes
+# about 20 ms to scan, a typical chat request well under 1 ms (benchmarks/scan_bench.py).
+THREAD_SCAN_MIN_BYTES = 64 * 1024
 _ACCEPT_ENCODING = "gzip, deflate"
 
 _SKIP_RESPONSE = messages.ProcessingMode(
@@ -195,7 +198,7 @@ class Exchange:
             known = await self._deep_findings(slots, self._request_rules)
         except DeepScanFailed as failure:
             return self._error_reply(failure.status, failure.message, ERROR_CODE_INTERNAL, "extguard_deep_scan_failed")
-        hits, blocking, changed = self._guard_slots(slots, "request", known)
+        hits, blocking, changed = await self._guard_slots_off_loop(slots, "request", known, len(raw))
         self._record_hits("request", hits)
         if blocking:
             return self._block_request(blocking)
@@ -399,7 +402,7 @@ class Exchange:
             known = await self._deep_findings(slots, self._response_rules)
         except DeepScanFailed as failure:
             return self._error_reply(failure.status, failure.message, ERROR_CODE_INTERNAL, "extguard_deep_scan_failed")
-        hits, blocking, changed = self._guard_slots(slots, "response", known)
+        hits, blocking, changed = await self._guard_slots_off_loop(slots, "response", known, len(raw))
         self._record_hits("response", hits)
         if blocking:
             return self._error_reply(502, self._block_response_message(blocking), ERROR_CODE_BLOCKED, "extguard_blocked")
@@ -463,6 +466,19 @@ class Exchange:
         if not isinstance(payload, dict):
             raise BadInput("malformed_json")
         return payload
+
+    async def _guard_slots_off_loop(
+        self, slots: list[TextSlot], direction: str, known: list[dict[int, list[Finding]]], body_bytes: int
+    ) -> tuple[list[Hit], list[Hit], bool]:
+        """Run `_guard_slots`, in a worker thread for bodies over `THREAD_SCAN_MIN_BYTES`.
+
+        The scan holds the GIL for most of its time, so a thread does not make it faster, but
+        the event loop gets the GIL back every few milliseconds and keeps serving the other
+        streams instead of waiting seconds for a multi-MB body.
+        """
+        if body_bytes < THREAD_SCAN_MIN_BYTES:
+            return self._guard_slots(slots, direction, known)
+        return await asyncio.to_thread(self._guard_slots, slots, direction, known)
 
     def _guard_slots(
         self, slots: list[TextSlot], direction: str, known: list[dict[int, list[Finding]]]
