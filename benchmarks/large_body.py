@@ -1,8 +1,8 @@
 """Latency of small requests while extguard scans one large request body.
 
-Starts the local stack (mock upstream, `extguard serve` with the example policy, Envoy with
-`envoy/extguard-local.yaml`) on loopback, sends one chat request whose prompt is about 2.6 MB of
-access-log lines, and keeps sending small chat requests one after another until it returns.
+Starts the local stack on loopback: the mock upstream, `extguard serve` with the example policy,
+and Envoy with `envoy/extguard-local.yaml`. Sends one chat request whose prompt is about 2.6 MB
+of access-log lines, and small chat requests one after another until that one returns.
 Prints the large request's status and time, and the count, median and maximum latency of the
 small requests. Bodies of THREAD_SCAN_MIN_BYTES and more are scanned in a worker thread, which
 is what keeps the small requests moving.
