@@ -480,3 +480,17 @@ def test_inline_with_presidio_keeps_ner_types() -> None:
     assert "PERSON" in system.pii_types
     assert "DATE_TIME" not in system.pii_types
     assert not system.evaluate_injection
+
+
+def test_location_counts_as_gpe_where_data_labels_gpe(tmp_path: Path) -> None:
+    records = [{"text": "from Lisbon", "entities": [{"type": "GPE", "start": 5, "end": 11}]}]
+    rows = load_pii_rows(write_jsonl(tmp_path / "pii.jsonl", records))
+
+    def predict_location(text: str) -> list[Finding]:
+        return [Finding("pii", "LOCATION", 5, 11, 0.85)]
+
+    scores = score_pii("stand-in", rows, predict_location, frozenset({"LOCATION"}), 0.5)
+
+    assert scores.by_type["GPE"] == Counts(tp=1)
+    assert "GPE" in scores.producible
+    assert scores.unscored_predictions == {}

@@ -301,6 +301,7 @@ NEGATIVES = [
     ("85061209655", "PL_PESEL"),
     # Log lines, timestamps and version strings.
     ("started_at 202403150010", "SE_PERSONNUMMER"),
+    ("Reference 204805620871", "SE_PERSONNUMMER"),
     ("2024-03-16 19:59:35,641 INFO worker started", "PHONE_NUMBER"),
     ("2024-03-16T19:59:35Z request done", "PHONE_NUMBER"),
     ("Mozilla/5.0 Chrome/124.0.6367.91 Safari/537.36", "PHONE_NUMBER"),
@@ -340,11 +341,12 @@ def test_entity_not_found(detector: PiiDetector, text: str, entity_type: str) ->
         ("+44 20 7946 0958", "PHONE_NUMBER", 0.95),
         ("(212) 555-0187", "PHONE_NUMBER", 0.75),
         ("977 781 880", "AU_TFN", 0.4),
-        # Digit-only national numbers need a context word to reach 0.5.
-        ("85061209654", "PL_PESEL", 0.45),
-        ("196607236749", "SE_PERSONNUMMER", 0.45),
-        ("91771988403", "AU_ABN", 0.45),
-        ("personnummer 196607236749", "SE_PERSONNUMMER", 1.0),
+        # A Swedish number whose last four digits read as a time of day needs a context word.
+        ("196607231005", "SE_PERSONNUMMER", 0.45),
+        ("personnummer 196607231005", "SE_PERSONNUMMER", 1.0),
+        ("196607236749", "SE_PERSONNUMMER", 0.85),
+        ("85061209654", "PL_PESEL", 0.5),
+        ("91771988403", "AU_ABN", 0.5),
         ("tax file number 977 781 880", "AU_TFN", 0.95),
     ],
 )

@@ -12,7 +12,9 @@ The data folder contains `pii.jsonl` and `injection.jsonl`, and may contain `sec
 
 PII and secrets predictions are scored per entity type, each against its own file. A prediction is a true positive when its type
 matches a gold span that it overlaps; each gold span and each prediction is matched at most
-once, larger overlaps first. The exact-span figures require equal start and end. Predicted types
+once, larger overlaps first. The exact-span figures require equal start and end. A predicted
+LOCATION counts as GPE (geopolitical entity) where the data labels GPE but not LOCATION, as
+Presidio's synthetic data does. Other predicted types
 that the data never labels are listed apart and left out of the totals, and gold types a system
 cannot produce are marked as such and count as misses. Injection is a binary verdict per row: a
 row is flagged when an injection finding scores at least the threshold.
@@ -289,8 +291,11 @@ def score_pii(
     exact_by_type = {entity_type: Counts() for entity_type in labelled}
     unscored: Counter[str] = Counter()
 
+    aliases = {source: target for source, target in _TYPE_ALIASES.items() if target in labelled and source not in labelled}
     for row in rows:
         predicted = _predicted_spans(predict(row.text), threshold, detector)
+        if aliases:
+            predicted = [Span(aliases.get(span.entity_type, span.entity_type), span.start, span.end) for span in predicted]
         scope = row.scored_types()
         gold_by_type = _group_by_type(row.entities)
         predicted_by_type = _group_by_type(predicted)
@@ -306,7 +311,13 @@ def score_pii(
             _add_matches(by_type[entity_type], gold, spans, count_overlap_matches(gold, spans))
             _add_matches(exact_by_type[entity_type], gold, spans, count_exact_matches(gold, spans))
 
+    producible = set(producible)
+    producible.update(target for source, target in aliases.items() if source in producible)
     return PiiScores(system, frozenset(producible), by_type, exact_by_type, dict(sorted(unscored.items())), detector)
+
+
+# Predicted type -> the data's name for it, used where the data labels only the latter.
+_TYPE_ALIASES = {"LOCATION": "GPE"}
 
 
 def _predicted_spans(findings: Sequence[Finding], threshold: float, detector: str) -> list[Span]:

@@ -368,7 +368,8 @@ def se_personnummer_valid(digits: str) -> bool:
     Days 61-91 are samordningsnummer (coordination numbers) and count as valid.
     """
     if len(digits) == 12:
-        if digits[:2] not in ("18", "19", "20"):
+        if digits[:2] not in ("18", "19", "20") or int(digits[:4]) > datetime.date.today().year:
+            # A birth year in the future is a timestamp or a reference, not a personnummer.
             return False
         digits = digits[2:]
     month, day = int(digits[2:4]), int(digits[4:6])

@@ -236,17 +236,20 @@ def _validate_eleven_digits(value: str) -> Sequence[Verdict]:
     verdicts: list[Verdict] = []
     if pii_ids.au_abn_valid(digits):
         # Mod 89 passes about 1 in 89 random numbers, and the 2-3-3-3 grouping is distinctive.
-        score = 0.7 if " " in value else 0.45
+        score = 0.7 if " " in value else 0.5
         verdicts.append(Verdict("AU_ABN", score, 1.0, "au_abn_mod89"))
     if len(digits) == len(value):
         if pii_ids.pl_pesel_valid(digits):
             # A birth date and the check digit: by estimate, about 2 in 100 random numbers pass.
-            verdicts.append(Verdict("PL_PESEL", 0.45, 1.0, "pl_pesel"))
+            verdicts.append(Verdict("PL_PESEL", 0.5, 1.0, "pl_pesel"))
         if pii_ids.de_tax_id_valid(digits):
             verdicts.append(Verdict("DE_TAX_ID", *_CHECKSUM_DIGITS, "de_tax_id"))
         if pii_ids.au_medicare_valid(digits):
             verdicts.append(Verdict("AU_MEDICARE", *_CHECKSUM_DIGITS, "au_medicare"))
     return verdicts
+
+
+_TIME_OF_DAY = re.compile(r"(?:[01][0-9]|2[0-3])[0-5][0-9]")
 
 
 def _validate_twelve_digits(value: str) -> Sequence[Verdict]:
@@ -256,8 +259,10 @@ def _validate_twelve_digits(value: str) -> Sequence[Verdict]:
         verdicts.append(Verdict("IN_AADHAAR", *_CHECKSUM_DIGITS, "in_aadhaar_verhoeff"))
     if len(digits) == len(value) and pii_ids.se_personnummer_valid(digits):
         # Timestamps such as 202403150010 also start with a century and a valid date, and 1 in
-        # 10 of them pass Luhn, so this form needs a context word.
-        verdicts.append(Verdict("SE_PERSONNUMMER", 0.45, 1.0, "se_personnummer"))
+        # 10 of them pass Luhn. Their last four digits are a time of day, which only about 1 in
+        # 7 real numbers look like, so only those need a context word.
+        score = 0.45 if _TIME_OF_DAY.fullmatch(digits[-4:]) else 0.85
+        verdicts.append(Verdict("SE_PERSONNUMMER", score, 1.0, "se_personnummer"))
     return verdicts
 
 
@@ -278,7 +283,7 @@ def _kr_rrn_verdicts(digits: str, *, dashed: bool) -> Sequence[Verdict]:
     if not pii_ids.kr_rrn_date_valid(digits):
         return NO_VERDICT
     if pii_ids.kr_rrn_checksum_valid(digits):
-        return (Verdict("KR_RRN", 0.9 if dashed else 0.45, 1.0, "kr_rrn_checksum"),)
+        return (Verdict("KR_RRN", 0.9 if dashed else 0.7, 1.0, "kr_rrn_checksum"),)
     # Numbers issued since October 2020 have no check digit, so only the date vouches for them.
     return (Verdict("KR_RRN", 0.5 if dashed else 0.3, 0.85, "kr_rrn_date"),)
 
