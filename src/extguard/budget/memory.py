@@ -1,0 +1,130 @@
+"""The in-memory budget store: one process, for the demo and single-replica deployments.
+
+It follows the contract of `extguard.budget.store` exactly, with the same rejection order as the
+Redis store, and runs each operation without awaiting, so operations on one event loop are
+atomic. Counters are dropped `ttl_s` seconds after their last change, like Redis keys.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from extguard.budget.store import (
+    COMMIT_MARKER_TTL_S,
+    METRICS,
+    Counter,
+    CounterState,
+    Rejection,
+    ReserveResult,
+    check_amounts,
+)
+
+
+@dataclass(slots=True)
+class _CounterData:
+    used: dict[str, int] = field(default_factory=lambda: dict.fromkeys(METRICS, 0))
+    reserved: dict[str, int] = field(default_factory=lambda: dict.fromkeys(METRICS, 0))
+    # reservation id -> (expiry in ms, amounts)
+    open: dict[str, tuple[int, dict[str, int]]] = field(default_factory=dict)
+    expires_at: float = 0.0  # monotonic seconds
+
+
+class MemoryBudgetStore:
+    """Budget counters in a dict, keyed like the Redis store's keys."""
+
+    def __init__(self, clock: object = time.monotonic) -> None:
+        self._counters: dict[tuple[str, str], _CounterData] = {}
+        self._committed: dict[str, float] = {}
+        self._clock = clock
+
+    async def reserve(
+        self,
+        reservation_id: str,
+        counters: Sequence[Counter],
+        estimate: Mapping[str, int],
+        *,
+        now_ms: int,
+        expires_at_ms: int,
+    ) -> ReserveResult:
+        amounts = check_amounts(estimate)
+        self._drop_stale()
+        data = [self._data(counter) for counter in counters]
+        for item in data:
+            _sweep(item, now_ms)
+
+        for counter, item in zip(counters, data, strict=True):
+            for metric in METRICS:
+                limit = counter.limits.get(metric)
+                if limit is None:
+                    continue
+                if item.used[metric] + item.reserved[metric] + amounts[metric] > limit:
+                    rejection = Rejection(counter, metric, item.used[metric], item.reserved[metric], amounts[metric], limit)
+                    return ReserveResult(rejection, [])
+
+        for counter, item in zip(counters, data, strict=True):
+            for metric in METRICS:
+                item.reserved[metric] += amounts[metric]
+            item.open[reservation_id] = (expires_at_ms, dict(amounts))
+            self._touch(item, counter)
+        return ReserveResult(None, [_state(counter, item) for counter, item in zip(counters, data, strict=True)])
+
+    async def commit(self, reservation_id: str, counters: Sequence[Counter], actual: Mapping[str, int]) -> bool:
+        amounts = check_amounts(actual)
+        self._drop_stale()
+        if reservation_id in self._committed:
+            return False
+        self._committed[reservation_id] = self._clock() + COMMIT_MARKER_TTL_S  # type: ignore[operator]
+        for counter in counters:
+            item = self._data(counter)
+            opened = item.open.pop(reservation_id, None)
+            if opened is not None:
+                for metric, amount in opened[1].items():
+                    item.reserved[metric] -= amount
+            for metric in METRICS:
+                item.used[metric] += amounts[metric]
+            self._touch(item, counter)
+        return True
+
+    async def status(self, counters: Sequence[Counter], *, now_ms: int) -> list[CounterState]:
+        self._drop_stale()
+        states = []
+        for counter in counters:
+            item = self._counters.get((counter.tenant, counter.name))
+            if item is None:
+                states.append(CounterState(counter, dict.fromkeys(METRICS, 0), dict.fromkeys(METRICS, 0)))
+                continue
+            _sweep(item, now_ms)
+            states.append(_state(counter, item))
+        return states
+
+    async def close(self) -> None:
+        self._counters.clear()
+
+    def _data(self, counter: Counter) -> _CounterData:
+        return self._counters.setdefault((counter.tenant, counter.name), _CounterData())
+
+    def _touch(self, item: _CounterData, counter: Counter) -> None:
+        item.expires_at = max(item.expires_at, self._clock() + counter.ttl_s)  # type: ignore[operator]
+
+    def _drop_stale(self) -> None:
+        now = self._clock()
+        stale = [key for key, item in self._counters.items() if item.expires_at and item.expires_at <= now]  # type: ignore[operator]
+        for key in stale:
+            del self._counters[key]
+        for reservation_id in [rid for rid, until in self._committed.items() if until <= now]:  # type: ignore[operator]
+            del self._committed[reservation_id]
+
+
+def _sweep(item: _CounterData, now_ms: int) -> None:
+    """Drop the reservations of `item` that expired at or before `now_ms`."""
+    for reservation_id, (expires_at_ms, amounts) in list(item.open.items()):
+        if expires_at_ms <= now_ms:
+            del item.open[reservation_id]
+            for metric, amount in amounts.items():
+                item.reserved[metric] -= amount
+
+
+def _state(counter: Counter, item: _CounterData) -> CounterState:
+    return CounterState(counter, dict(item.used), dict(item.reserved))

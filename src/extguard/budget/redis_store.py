@@ -1,0 +1,251 @@
+"""The Redis budget store: every change is one Lua script, so reserve-and-check is atomic.
+
+Keys of one tenant share the hash tag `{tenant}`, so a tenant's keys sit in one Redis Cluster
+slot and one script can touch them all. Per counter (scope and window period):
+
+- `eg:{T}:c:SCOPE:PERIOD`, a hash: `used:METRIC` and `rsv:METRIC` totals, and `r:ID`, the
+  amounts of each open reservation (`METRIC=AMOUNT` pairs joined by `,`);
+- `eg:{T}:z:SCOPE:PERIOD`, a sorted set of open reservation ids scored by expiry in ms.
+
+Both expire `ttl_s` after their last change. `eg:{T}:done:ID` marks a committed reservation for
+COMMIT_MARKER_TTL_S, so a replayed commit is not counted twice. Scripts are loaded once and
+called by SHA; after a NOSCRIPT error (Redis restarted or flushed its script cache) they are
+loaded again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import redis.asyncio as redis
+from redis.exceptions import NoScriptError
+
+from extguard.budget.store import (
+    COMMIT_MARKER_TTL_S,
+    METRICS,
+    Counter,
+    CounterState,
+    Rejection,
+    ReserveResult,
+    check_amounts,
+)
+
+# At most this many expired reservations are dropped per counter and call, to bound each script.
+SWEEP_LIMIT = 64
+
+# KEYS: counter hash and reservation set of each counter, in pairs (c1, z1, c2, z2, ...).
+# ARGV: now_ms, reservation id, expiry ms, metric count M, then M metric names, M amounts,
+#       then per counter: ttl_s followed by M limits (-1 for none).
+# Returns {1, used and reserved per counter and metric...} when admitted, or
+#         {0, counter index (1-based), metric index (1-based), used, reserved} when rejected.
+RESERVE_SCRIPT = """
+local now_ms = tonumber(ARGV[1])
+local id = ARGV[2]
+local expires_at = tonumber(ARGV[3])
+local m = tonumber(ARGV[4])
+local metrics, amounts = {}, {}
+for i = 1, m do
+  metrics[i] = ARGV[4 + i]
+  amounts[i] = ARGV[4 + m + i]
+end
+local counters = #KEYS / 2
+local per_counter = 1 + m
+local base = 4 + 2 * m
+
+local function sweep(c, z)
+  local expired = redis.call('ZRANGEBYSCORE', z, '-inf', now_ms, 'LIMIT', 0, %(sweep)d)
+  for _, old in ipairs(expired) do
+    local stored = redis.call('HGET', c, 'r:' .. old)
+    if stored then
+      for pair in string.gmatch(stored, '[^,]+') do
+        local name, amount = string.match(pair, '([^=]+)=(%%d+)')
+        if amount ~= '0' then
+          redis.call('HINCRBY', c, 'rsv:' .. name, '-' .. amount)
+        end
+      end
+      redis.call('HDEL', c, 'r:' .. old)
+    end
+    redis.call('ZREM', z, old)
+  end
+end
+
+for k = 1, counters do
+  sweep(KEYS[2 * k - 1], KEYS[2 * k])
+end
+
+for k = 1, counters do
+  local c = KEYS[2 * k - 1]
+  local offset = base + (k - 1) * per_counter
+  for i = 1, m do
+    local limit = tonumber(ARGV[offset + 1 + i])
+    if limit >= 0 then
+      local used = tonumber(redis.call('HGET', c, 'used:' .. metrics[i]) or '0')
+      local reserved = tonumber(redis.call('HGET', c, 'rsv:' .. metrics[i]) or '0')
+      if used + reserved + tonumber(amounts[i]) > limit then
+        return {0, k, i, used, reserved}
+      end
+    end
+  end
+end
+
+local pairs_text = {}
+for i = 1, m do
+  pairs_text[i] = metrics[i] .. '=' .. amounts[i]
+end
+local record = table.concat(pairs_text, ',')
+local result = {1}
+for k = 1, counters do
+  local c, z = KEYS[2 * k - 1], KEYS[2 * k]
+  local ttl = tonumber(ARGV[base + (k - 1) * per_counter + 1])
+  for i = 1, m do
+    redis.call('HINCRBY', c, 'rsv:' .. metrics[i], amounts[i])
+  end
+  redis.call('HSET', c, 'r:' .. id, record)
+  redis.call('ZADD', z, expires_at, id)
+  redis.call('EXPIRE', c, ttl)
+  redis.call('EXPIRE', z, ttl)
+  for i = 1, m do
+    table.insert(result, tonumber(redis.call('HGET', c, 'used:' .. metrics[i]) or '0'))
+    table.insert(result, tonumber(redis.call('HGET', c, 'rsv:' .. metrics[i]) or '0'))
+  end
+end
+return result
+""" % {"sweep": SWEEP_LIMIT}
+
+# KEYS: counter hash and reservation set of each counter in pairs, then the commit marker.
+# ARGV: reservation id, marker ttl_s, metric count M, M metric names, M actual amounts,
+#       then ttl_s per counter.
+# Returns 1, or 0 when the marker shows the reservation was committed before.
+COMMIT_SCRIPT = """
+local id = ARGV[1]
+local m = tonumber(ARGV[3])
+local marker = KEYS[#KEYS]
+if not redis.call('SET', marker, '1', 'NX', 'EX', tonumber(ARGV[2])) then
+  return 0
+end
+local counters = (#KEYS - 1) / 2
+for k = 1, counters do
+  local c, z = KEYS[2 * k - 1], KEYS[2 * k]
+  local stored = redis.call('HGET', c, 'r:' .. id)
+  if stored then
+    for pair in string.gmatch(stored, '[^,]+') do
+      local name, amount = string.match(pair, '([^=]+)=(%d+)')
+      if amount ~= '0' then
+        redis.call('HINCRBY', c, 'rsv:' .. name, '-' .. amount)
+      end
+    end
+    redis.call('HDEL', c, 'r:' .. id)
+  end
+  redis.call('ZREM', z, id)
+  for i = 1, m do
+    redis.call('HINCRBY', c, 'used:' .. ARGV[3 + i], ARGV[3 + m + i])
+  end
+  local ttl = tonumber(ARGV[3 + 2 * m + k])
+  redis.call('EXPIRE', c, ttl)
+  redis.call('EXPIRE', z, ttl)
+end
+return 1
+"""
+
+
+def counter_keys(counter: Counter) -> tuple[str, str]:
+    """Return the counter's hash key and reservation set key."""
+    prefix = f"eg:{{{counter.tenant}}}"
+    return f"{prefix}:c:{counter.name}", f"{prefix}:z:{counter.name}"
+
+
+def commit_marker_key(tenant: str, reservation_id: str) -> str:
+    return f"eg:{{{tenant}}}:done:{reservation_id}"
+
+
+class RedisBudgetStore:
+    """Budget counters in Redis, changed only by RESERVE_SCRIPT and COMMIT_SCRIPT.
+
+    `client` is a `redis.asyncio.Redis`; its socket timeouts bound each call. All counters of
+    one call must belong to one tenant.
+    """
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._client = client
+        self._shas: dict[str, str] = {}
+
+    @classmethod
+    def from_url(cls, url: str, *, timeout_s: float) -> RedisBudgetStore:
+        client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        return cls(client)
+
+    async def reserve(
+        self,
+        reservation_id: str,
+        counters: Sequence[Counter],
+        estimate: Mapping[str, int],
+        *,
+        now_ms: int,
+        expires_at_ms: int,
+    ) -> ReserveResult:
+        amounts = check_amounts(estimate)
+        _one_tenant(counters)
+        keys = [key for counter in counters for key in counter_keys(counter)]
+        args: list[Any] = [now_ms, reservation_id, expires_at_ms, len(METRICS), *METRICS]
+        args += [amounts[metric] for metric in METRICS]
+        for counter in counters:
+            args.append(counter.ttl_s)
+            args += [counter.limits.get(metric, -1) for metric in METRICS]
+
+        result = await self._run(RESERVE_SCRIPT, keys, args)
+        if int(result[0]) == 0:
+            counter = counters[int(result[1]) - 1]
+            metric = METRICS[int(result[2]) - 1]
+            rejection = Rejection(counter, metric, int(result[3]), int(result[4]), amounts[metric], counter.limits[metric])
+            return ReserveResult(rejection, [])
+
+        values = [int(value) for value in result[1:]]
+        states = []
+        for index, counter in enumerate(counters):
+            chunk = values[index * 2 * len(METRICS) : (index + 1) * 2 * len(METRICS)]
+            used = {metric: chunk[2 * i] for i, metric in enumerate(METRICS)}
+            reserved = {metric: chunk[2 * i + 1] for i, metric in enumerate(METRICS)}
+            states.append(CounterState(counter, used, reserved))
+        return ReserveResult(None, states)
+
+    async def commit(self, reservation_id: str, counters: Sequence[Counter], actual: Mapping[str, int]) -> bool:
+        amounts = check_amounts(actual)
+        tenant = _one_tenant(counters)
+        keys = [key for counter in counters for key in counter_keys(counter)]
+        keys.append(commit_marker_key(tenant, reservation_id))
+        args: list[Any] = [reservation_id, COMMIT_MARKER_TTL_S, len(METRICS), *METRICS]
+        args += [amounts[metric] for metric in METRICS]
+        args += [counter.ttl_s for counter in counters]
+        return int(await self._run(COMMIT_SCRIPT, keys, args)) == 1
+
+    async def status(self, counters: Sequence[Counter], *, now_ms: int) -> list[CounterState]:
+        fields = [f"used:{metric}" for metric in METRICS] + [f"rsv:{metric}" for metric in METRICS]
+        states = []
+        for counter in counters:
+            values = await self._client.hmget(counter_keys(counter)[0], fields)
+            numbers = [int(value) if value is not None else 0 for value in values]
+            used = dict(zip(METRICS, numbers[: len(METRICS)], strict=True))
+            reserved = dict(zip(METRICS, numbers[len(METRICS) :], strict=True))
+            states.append(CounterState(counter, used, reserved))
+        return states
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    async def _run(self, script: str, keys: list[str], args: list[Any]) -> Any:
+        sha = self._shas.get(script)
+        if sha is None:
+            sha = self._shas[script] = await self._client.script_load(script)
+        try:
+            return await self._client.evalsha(sha, len(keys), *keys, *args)
+        except NoScriptError:
+            self._shas[script] = await self._client.script_load(script)
+            return await self._client.evalsha(self._shas[script], len(keys), *keys, *args)
+
+
+def _one_tenant(counters: Sequence[Counter]) -> str:
+    tenants = {counter.tenant for counter in counters}
+    if len(tenants) != 1:
+        raise ValueError(f"one budget call must name counters of exactly one tenant, got {sorted(tenants)}")
+    return tenants.pop()

@@ -1,0 +1,112 @@
+"""The budget store contract: reserve before a request goes upstream, commit when it ends.
+
+A counter is one budget scope (a tenant, or a user or API key inside it) in one window period.
+It holds, per metric, the usage committed so far and the sum of the reservations still open.
+
+- `reserve` checks every counter's hard limits against used + reserved + the estimate, and
+  either rejects it (nothing changes) or adds the estimate to every counter's reserved amount, in
+  one atomic step. Reservations expire at `expires_at_ms`; an expired one stops counting the
+  next time a reserve touches its counter.
+- `commit` replaces a reservation by the actual usage in the counters it was made against. It
+  is idempotent per reservation id, so a replay from the spool never counts twice, and it also
+  works after the reservation expired.
+- `status` reads counters without changing them.
+
+Amounts are non-negative integers: tokens, and cost in nano-USD (1e-9 USD).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+METRICS = ("input_tokens", "output_tokens", "total_tokens", "cost_nanousd")
+
+
+@dataclass(frozen=True, slots=True)
+class Counter:
+    """One scope in one window period, with the hard limit per metric that applies to it now.
+
+    `tenant` groups the keys (a Redis Cluster hash tag). `ttl_s` is how long the counter must be
+    kept after the last change: at least until its period ends.
+    """
+
+    tenant: str
+    scope: str
+    period_id: str
+    ttl_s: int
+    limits: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.scope}:{self.period_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class CounterState:
+    """Used and reserved amounts per metric of one counter."""
+
+    counter: Counter
+    used: Mapping[str, int]
+    reserved: Mapping[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """The first counter and metric whose hard limit the estimate would pass."""
+
+    counter: Counter
+    metric: str
+    used: int
+    reserved: int
+    requested: int
+    limit: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveResult:
+    """Either `rejection` is set and nothing was reserved, or `states` are the counters after the reservation."""
+
+    rejection: Rejection | None
+    states: Sequence[CounterState]
+
+    @property
+    def admitted(self) -> bool:
+        return self.rejection is None
+
+
+class BudgetStore(Protocol):
+    async def reserve(
+        self,
+        reservation_id: str,
+        counters: Sequence[Counter],
+        estimate: Mapping[str, int],
+        *,
+        now_ms: int,
+        expires_at_ms: int,
+    ) -> ReserveResult: ...
+
+    async def commit(self, reservation_id: str, counters: Sequence[Counter], actual: Mapping[str, int]) -> bool:
+        """Record `actual` and drop the reservation; return False when this id was committed before."""
+        ...
+
+    async def status(self, counters: Sequence[Counter], *, now_ms: int) -> list[CounterState]: ...
+
+    async def close(self) -> None: ...
+
+
+def check_amounts(amounts: Mapping[str, int]) -> dict[str, int]:
+    """Return `amounts` with every metric present, or raise ValueError for an unknown metric or a negative amount."""
+    unknown = set(amounts) - set(METRICS)
+    if unknown:
+        raise ValueError(f"unknown budget metrics {sorted(unknown)}; use {', '.join(METRICS)}")
+    checked = {metric: int(amounts.get(metric, 0)) for metric in METRICS}
+    negative = [metric for metric, amount in checked.items() if amount < 0]
+    if negative:
+        raise ValueError(f"budget amounts must not be negative: {negative}")
+    return checked
+
+
+# Seconds a commit marker is kept, so that a replayed commit is recognized: longer than any spool.
+COMMIT_MARKER_TTL_S = 7 * 24 * 3600

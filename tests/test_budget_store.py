@@ -1,0 +1,194 @@
+"""The budget store contract, run against the in-memory store and a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import redis.asyncio as redis
+
+from extguard.budget.memory import MemoryBudgetStore
+from extguard.budget.redis_store import RedisBudgetStore
+from extguard.budget.store import BudgetStore, Counter
+from extguard.testing.redis_server import RedisServer
+
+NOW = 1_800_000_000_000  # ms
+LATER = NOW + 60_000
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest, redis_server: RedisServer) -> AsyncIterator[BudgetStore]:
+    if request.param == "memory":
+        built: BudgetStore = MemoryBudgetStore()
+    else:
+        client = redis.Redis.from_url(redis_server.url)
+        await client.flushdb()
+        built = RedisBudgetStore(client)
+    yield built
+    await built.close()
+
+
+def day(limit: int | None = 100, scope: str = "tenant", tenant: str = "acme") -> Counter:
+    limits = {} if limit is None else {"total_tokens": limit}
+    return Counter(tenant, scope, "day:2026-12-04", ttl_s=3600, limits=limits)
+
+
+async def test_reserve_within_limit_admits(store: BudgetStore) -> None:
+    result = await store.reserve("r1", [day()], {"total_tokens": 60}, now_ms=NOW, expires_at_ms=LATER)
+
+    assert result.admitted
+    assert result.states[0].reserved["total_tokens"] == 60
+    assert result.states[0].used["total_tokens"] == 0
+
+
+async def test_reserve_over_limit_rejects_and_changes_nothing(store: BudgetStore) -> None:
+    await store.reserve("r1", [day()], {"total_tokens": 60}, now_ms=NOW, expires_at_ms=LATER)
+    result = await store.reserve("r2", [day()], {"total_tokens": 41}, now_ms=NOW, expires_at_ms=LATER)
+
+    assert not result.admitted
+    assert result.rejection is not None
+    assert (result.rejection.metric, result.rejection.reserved, result.rejection.requested, result.rejection.limit) == (
+        "total_tokens", 60, 41, 100,
+    )  # fmt: skip
+    (state,) = await store.status([day()], now_ms=NOW)
+    assert state.reserved["total_tokens"] == 60
+
+
+async def test_reserve_up_to_limit_exactly(store: BudgetStore) -> None:
+    first = await store.reserve("r1", [day()], {"total_tokens": 60}, now_ms=NOW, expires_at_ms=LATER)
+    second = await store.reserve("r2", [day()], {"total_tokens": 40}, now_ms=NOW, expires_at_ms=LATER)
+
+    assert first.admitted
+    assert second.admitted
+
+
+async def test_commit_replaces_reservation_with_actual(store: BudgetStore) -> None:
+    await store.reserve("r1", [day()], {"total_tokens": 60, "cost_nanousd": 900}, now_ms=NOW, expires_at_ms=LATER)
+    committed = await store.commit("r1", [day()], {"total_tokens": 25, "input_tokens": 20, "output_tokens": 5})
+
+    (state,) = await store.status([day()], now_ms=NOW)
+    assert committed
+    assert state.used == {"input_tokens": 20, "output_tokens": 5, "total_tokens": 25, "cost_nanousd": 0}
+    assert state.reserved == {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0, "cost_nanousd": 0}
+
+
+async def test_commit_twice_counts_once(store: BudgetStore) -> None:
+    await store.reserve("r1", [day()], {"total_tokens": 60}, now_ms=NOW, expires_at_ms=LATER)
+    first = await store.commit("r1", [day()], {"total_tokens": 25})
+    second = await store.commit("r1", [day()], {"total_tokens": 25})
+
+    (state,) = await store.status([day()], now_ms=NOW)
+    assert (first, second) == (True, False)
+    assert state.used["total_tokens"] == 25
+
+
+async def test_expired_reservation_stops_counting(store: BudgetStore) -> None:
+    await store.reserve("r1", [day()], {"total_tokens": 90}, now_ms=NOW, expires_at_ms=NOW + 1000)
+    rejectd = await store.reserve("r2", [day()], {"total_tokens": 50}, now_ms=NOW + 999, expires_at_ms=LATER)
+    admitted = await store.reserve("r3", [day()], {"total_tokens": 50}, now_ms=NOW + 1000, expires_at_ms=LATER)
+
+    assert not rejectd.admitted
+    assert admitted.admitted
+    assert admitted.states[0].reserved["total_tokens"] == 50
+
+
+async def test_commit_after_expiry_records_usage(store: BudgetStore) -> None:
+    await store.reserve("r1", [day()], {"total_tokens": 90}, now_ms=NOW, expires_at_ms=NOW + 1000)
+    await store.reserve("r2", [day()], {"total_tokens": 5}, now_ms=NOW + 2000, expires_at_ms=LATER)
+    await store.commit("r1", [day()], {"total_tokens": 70})
+
+    (state,) = await store.status([day()], now_ms=NOW + 2000)
+    assert state.used["total_tokens"] == 70
+    assert state.reserved["total_tokens"] == 5
+
+
+async def test_rejection_in_second_counter_leaves_first(store: BudgetStore) -> None:
+    tenant_day = day(limit=1000)
+    user_day = day(limit=10, scope="user:alice")
+    result = await store.reserve("r1", [tenant_day, user_day], {"total_tokens": 11}, now_ms=NOW, expires_at_ms=LATER)
+
+    assert result.rejection is not None
+    assert result.rejection.counter == user_day
+    states = await store.status([tenant_day, user_day], now_ms=NOW)
+    assert [state.reserved["total_tokens"] for state in states] == [0, 0]
+
+
+async def test_counter_without_limit_only_counts(store: BudgetStore) -> None:
+    result = await store.reserve("r1", [day(limit=None)], {"total_tokens": 10**9}, now_ms=NOW, expires_at_ms=LATER)
+
+    assert result.admitted
+    assert result.states[0].reserved["total_tokens"] == 10**9
+
+
+async def test_tenants_do_not_share_counters(store: BudgetStore) -> None:
+    await store.reserve("r1", [day(tenant="acme")], {"total_tokens": 100}, now_ms=NOW, expires_at_ms=LATER)
+    other = await store.reserve("r2", [day(tenant="globex")], {"total_tokens": 100}, now_ms=NOW, expires_at_ms=LATER)
+
+    assert other.admitted
+
+
+async def test_negative_or_unknown_amounts_rejected(store: BudgetStore) -> None:
+    with pytest.raises(ValueError, match="must not be negative"):
+        await store.reserve("r1", [day()], {"total_tokens": -1}, now_ms=NOW, expires_at_ms=LATER)
+    with pytest.raises(ValueError, match="unknown budget metrics"):
+        await store.commit("r1", [day()], {"tokens": 1})
+
+
+async def test_concurrent_reserves_never_overspend(store: BudgetStore, redis_server: RedisServer) -> None:
+    """200 concurrent requests of 10 tokens against 100: exactly 10 are admitted."""
+    if isinstance(store, RedisBudgetStore):
+        # Several connections, as several extguard replicas would have.
+        clients = [redis.Redis.from_url(redis_server.url) for _ in range(8)]
+        stores: list[BudgetStore] = [RedisBudgetStore(client) for client in clients]
+    else:
+        stores = [store]
+
+    async def attempt(index: int) -> bool:
+        chosen = stores[index % len(stores)]
+        result = await chosen.reserve(f"r{index}", [day()], {"total_tokens": 10}, now_ms=NOW, expires_at_ms=LATER)
+        return result.admitted
+
+    outcomes = await asyncio.gather(*(attempt(index) for index in range(200)))
+    (state,) = await store.status([day()], now_ms=NOW)
+    if isinstance(store, RedisBudgetStore):
+        for extra in stores:
+            await extra.close()
+
+    assert sum(outcomes) == 10
+    assert state.reserved["total_tokens"] == 100
+
+
+async def test_redis_reloads_flushed_scripts(redis_server: RedisServer) -> None:
+    client = redis.Redis.from_url(redis_server.url)
+    await client.flushdb()
+    store = RedisBudgetStore(client)
+    await store.reserve("r1", [day()], {"total_tokens": 1}, now_ms=NOW, expires_at_ms=LATER)
+    await client.script_flush()
+
+    result = await store.reserve("r2", [day()], {"total_tokens": 1}, now_ms=NOW, expires_at_ms=LATER)
+    await store.close()
+
+    assert result.admitted
+    assert result.states[0].reserved["total_tokens"] == 2
+
+
+async def test_redis_keys_expire_and_share_hash_tag(redis_server: RedisServer) -> None:
+    client = redis.Redis.from_url(redis_server.url)
+    await client.flushdb()
+    store = RedisBudgetStore(client)
+    await store.reserve("r1", [day()], {"total_tokens": 1}, now_ms=NOW, expires_at_ms=LATER)
+    await store.commit("r1", [day()], {"total_tokens": 1})
+
+    keys = sorted(key.decode() for key in await client.keys("*"))
+    ttls = [await client.ttl(key) for key in keys]
+    await store.close()
+
+    assert keys == ["eg:{acme}:c:tenant:day:2026-12-04", "eg:{acme}:done:r1"]
+    assert all(0 < ttl for ttl in ttls)
