@@ -91,10 +91,10 @@ async def test_commit_twice_counts_once(store: BudgetStore) -> None:
 
 async def test_expired_reservation_stops_counting(store: BudgetStore) -> None:
     await store.reserve("r1", [day()], {"total_tokens": 90}, now_ms=NOW, expires_at_ms=NOW + 1000)
-    rejectd = await store.reserve("r2", [day()], {"total_tokens": 50}, now_ms=NOW + 999, expires_at_ms=LATER)
+    rejected = await store.reserve("r2", [day()], {"total_tokens": 50}, now_ms=NOW + 999, expires_at_ms=LATER)
     admitted = await store.reserve("r3", [day()], {"total_tokens": 50}, now_ms=NOW + 1000, expires_at_ms=LATER)
 
-    assert not rejectd.admitted
+    assert not rejected.admitted
     assert admitted.admitted
     assert admitted.states[0].reserved["total_tokens"] == 50
 
