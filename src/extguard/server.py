@@ -1,4 +1,4 @@
-"""Build and run the extguard gRPC server: ext_proc, gRPC health, and the metrics endpoint."""
+"""Build and run the extguard gRPC server: ext_proc, ext_authz, gRPC health, and the metrics endpoint."""
 
 from __future__ import annotations
 
@@ -9,10 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from envoy.service.auth.v3 import external_auth_pb2_grpc as auth_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 
+from extguard.authz.service import Authorization
+from extguard.budget.keeper import BudgetKeeper
 from extguard.config.loader import load_policy
 from extguard.extproc.exchange import Runtime
 from extguard.extproc.service import ExternalProcessor
@@ -23,6 +26,7 @@ from extguard.telemetry.metrics import Metrics
 log = logging.getLogger("extguard.server")
 
 EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+AUTHZ_SERVICE = "envoy.service.auth.v3.Authorization"
 # Envoy sends whole buffered bodies in one message; leave room above the largest body limit.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
@@ -37,7 +41,10 @@ class ServerSettings:
 def build_runtime(policy_path: str | Path, metrics: Metrics | None = None) -> Runtime:
     """Load the policy and build what every exchange shares; raise PolicyError when it is invalid."""
     policies = load_policy(policy_path, default_detectors())
-    return Runtime(policies=policies, masker=Masker(policies.hash_key), metrics=metrics or Metrics())
+    budgets = None
+    if policies.tenancy is not None:
+        budgets = BudgetKeeper.from_settings(policies.tenancy, policies.pricing)
+    return Runtime(policies=policies, masker=Masker(policies.hash_key), metrics=metrics or Metrics(), budgets=budgets)
 
 
 class GuardServer:
@@ -55,6 +62,7 @@ class GuardServer:
         ]
         self.server = grpc.aio.server(options=options)
         ext_proc_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(runtime), self.server)
+        auth_grpc.add_AuthorizationServicer_to_server(Authorization(runtime.policies.tenancy, runtime.budgets), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
 
     async def start(self) -> int:
@@ -73,17 +81,19 @@ class GuardServer:
         if self.port == 0:
             raise OSError(f"--listen: cannot listen on {self.settings.listen}: the address is in use or not local")
         await self.server.start()
-        for service in ("", EXT_PROC_SERVICE):
+        for service in ("", EXT_PROC_SERVICE, AUTHZ_SERVICE):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         return self.port
 
     async def stop(self) -> None:
         """Report NOT_SERVING, refuse new streams, and let streams in flight finish within the grace period."""
-        for service in ("", EXT_PROC_SERVICE):
+        for service in ("", EXT_PROC_SERVICE, AUTHZ_SERVICE):
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.stop(self.settings.grace_period_seconds)
         for engine in self.runtime.policies.deep_detectors():
             engine.close()
+        if self.runtime.budgets is not None:
+            await self.runtime.budgets.close()
 
 
 def split_host_port(address: str, option: str = "address") -> tuple[str, int]:

@@ -22,6 +22,7 @@ from extguard.config.policy import (
     Route,
     Rule,
 )
+from extguard.config.tenancy import Price, Tenancy
 from extguard.scan.engine import Action, AllowList, ScanRule
 from extguard.scan.deep_detector import LLM_GUARD_ENTITY_TYPES, PRESIDIO_ENTITY_TYPES, DeepDetector, is_deep
 from extguard.scan.findings import Detector
@@ -64,12 +65,16 @@ class PolicySet:
         hash_key: bytes,
         hash_key_env: str,
         hash_key_is_random: bool,
+        tenancy: Tenancy | None = None,
+        pricing: dict[str, Price] | None = None,
     ) -> None:
         self.default = default
         self.routes = routes
         self.hash_key = hash_key
         self.hash_key_env = hash_key_env
         self.hash_key_is_random = hash_key_is_random  # the variable was unset, so a random key was drawn
+        self.tenancy = tenancy
+        self.pricing = pricing or {}
 
     def deep_detectors(self) -> list[DeepDetector]:
         """Return the deep engines that some enabled rule uses, each once."""
@@ -146,7 +151,15 @@ def parse_policy(text: str, detectors: dict[str, Detector], *, source: str = "<p
     env_name = policy_file.hash_key_env
     configured_key = os.environ.get(env_name)
     hash_key = configured_key.encode("utf-8") if configured_key else secrets.token_bytes(32)
-    return PolicySet(default, routes, hash_key, env_name, hash_key_is_random=not configured_key)
+    return PolicySet(
+        default,
+        routes,
+        hash_key,
+        env_name,
+        hash_key_is_random=not configured_key,
+        tenancy=policy_file.tenancy,
+        pricing=dict(policy_file.pricing),
+    )
 
 
 def _reference_errors(

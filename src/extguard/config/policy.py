@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from extguard.config.tenancy import Price, Tenancy
 from extguard.scan.engine import Action
 from extguard.scan.redact import MaskStyle
 
@@ -164,3 +165,5 @@ class PolicyFile(_Strict):
     deep_engines: DeepEngines = Field(default_factory=DeepEngines)
     default: GuardPolicy = Field(default_factory=GuardPolicy)
     routes: list[Route] = Field(default_factory=list)
+    tenancy: Tenancy | None = None  # None: no tenant identification and no budgets
+    pricing: dict[str, Price] = Field(default_factory=dict)  # by model name or shell-style pattern

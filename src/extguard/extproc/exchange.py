@@ -34,6 +34,7 @@ from extguard.llm.payloads import TextSlot
 from extguard.llm.streams import StreamRewriter, stream_rewriter_for
 from extguard.scan.deep import DeepEngineError, DeepEngineTimeout
 from extguard.scan.deep_detector import DeepDetector, is_deep
+from extguard.budget.keeper import BudgetKeeper
 from extguard.scan.engine import Hit, ScanRule, guard_text
 from extguard.scan.findings import Finding
 from extguard.scan.redact import Masker, PseudonymVault
@@ -67,6 +68,7 @@ class Runtime:
     policies: PolicySet
     masker: Masker
     metrics: Metrics
+    budgets: BudgetKeeper | None = None  # None: the policy has no tenancy section
 
 
 class DeepScanFailed(Exception):

@@ -82,12 +82,22 @@ def api_for_path(path: str) -> Api | None:
 def _openai_error_type(status: int) -> str:
     if status >= 500:
         return "server_error"
+    if status == 429:
+        return "insufficient_quota"
     return "invalid_request_error"
+
+
+# Anthropic's error types by HTTP status (its API documentation's list of errors).
+_ANTHROPIC_ERROR_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+}
 
 
 def _anthropic_error_type(status: int) -> str:
-    if status == 413:
-        return "request_too_large"
     if status >= 500:
         return "api_error"
-    return "invalid_request_error"
+    return _ANTHROPIC_ERROR_TYPES.get(status, "invalid_request_error")

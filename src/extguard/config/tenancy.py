@@ -1,0 +1,164 @@
+"""The policy file's `tenancy` and `pricing` sections: who is calling, and what they may spend.
+
+```yaml
+tenancy:
+  time_zone: Europe/Berlin            # budget windows follow this zone's calendar
+  identity:
+    api_key_headers: [authorization, x-api-key]
+    trusted_header: x-tenant-id       # only behind a proxy that sets it; off unless named
+  store: {backend: redis, url: redis://127.0.0.1:6379/0, timeout_ms: 50, failure_mode: closed}
+  tenants:
+    acme:
+      api_keys: [{sha256: 9f86d0..., user: ci-bot}]
+      models: ["gpt-4o*", "claude-*"]
+      budgets: [{window: day, metric: total_tokens, limit: 200000, soft: 0.8}]
+      user_budgets: [{window: day, metric: total_tokens, limit: 20000}]
+pricing:                              # USD per million tokens
+  gpt-4o-mini: {input: 0.15, cached_input: 0.075, output: 0.60}
+```
+
+API keys are stored only as the SHA-256 of the key, in hex. `cost_usd` budgets need a price
+for every model the tenant calls; a model without one costs 0 and is logged once.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from extguard.budget.windows import Window
+
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_HEADER_NAME = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]+")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BudgetMetric(enum.StrEnum):
+    INPUT_TOKENS = "input_tokens"
+    OUTPUT_TOKENS = "output_tokens"
+    TOTAL_TOKENS = "total_tokens"
+    COST_USD = "cost_usd"
+
+
+class Budget(_Strict):
+    """A hard limit on one metric per window, and an optional soft limit as a fraction of it."""
+
+    window: Window
+    metric: BudgetMetric = BudgetMetric.TOTAL_TOKENS
+    limit: float = Field(gt=0)  # tokens, or USD for cost_usd
+    soft: float | None = Field(None, gt=0, lt=1)  # warn from this fraction of the limit
+
+    @model_validator(mode="after")
+    def _whole_tokens(self) -> Budget:
+        if self.metric is not BudgetMetric.COST_USD and self.limit != int(self.limit):
+            raise ValueError(f"a {self.metric.value} limit is a whole number of tokens, got {self.limit}")
+        return self
+
+
+class ApiKey(_Strict):
+    sha256: str  # lowercase hex SHA-256 of the key; the key itself is never stored
+    user: str | None = Field(None, min_length=1)  # a user or key name within the tenant
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex_digest(cls, value: str) -> str:
+        value = value.lower()
+        if not _SHA256_HEX.fullmatch(value):
+            raise ValueError("sha256 must be 64 hex digits: the SHA-256 of the API key, as `sha256sum` prints it")
+        return value
+
+
+class Tenant(_Strict):
+    api_keys: list[ApiKey] = Field(default_factory=list)
+    models: list[str] | None = Field(None, min_length=1)  # shell-style patterns; None: any model
+    budgets: list[Budget] = Field(default_factory=list)
+    user_budgets: list[Budget] = Field(default_factory=list)  # per user or key, inside the tenant's
+
+
+class Identity(_Strict):
+    # Headers that may carry an API key, as "Bearer KEY" or the bare key.
+    api_key_headers: list[str] = Field(default_factory=lambda: ["authorization", "x-api-key"])
+    # A header naming the tenant, trusted only when set here (behind a proxy that sets it).
+    trusted_header: str | None = None
+    trusted_user_header: str | None = None
+    # Claims that Envoy's jwt_authn filter wrote into metadata (`payload_in_metadata`).
+    jwt_metadata_namespace: str = "envoy.filters.http.jwt_authn"
+    jwt_payload_key: str | None = None  # None: JWT identity off
+    jwt_tenant_claim: str = "tenant"
+    jwt_user_claim: str | None = "sub"
+
+    @field_validator("api_key_headers")
+    @classmethod
+    def _lowercase_names(cls, names: list[str]) -> list[str]:
+        return [_header_name(name) for name in names]
+
+    @field_validator("trusted_header", "trusted_user_header")
+    @classmethod
+    def _lowercase_name(cls, name: str | None) -> str | None:
+        return None if name is None else _header_name(name)
+
+
+class StoreBackend(enum.StrEnum):
+    MEMORY = "memory"
+    REDIS = "redis"
+
+
+class StoreSettings(_Strict):
+    backend: StoreBackend = StoreBackend.MEMORY
+    url: str = "redis://127.0.0.1:6379/0"
+    timeout_ms: float = Field(50.0, gt=0)
+    # closed: reject requests while the store cannot be reached; open: let them through unmetered
+    # (their usage is spooled and committed later).
+    failure_mode: Literal["open", "closed"] = "closed"
+    spool_max: int = Field(10_000, ge=0)
+
+
+class Tenancy(_Strict):
+    time_zone: str = "UTC"
+    identity: Identity = Field(default_factory=Identity)
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    reservation_ttl_s: int = Field(900, gt=0)  # an unsettled reservation stops counting after this
+    default_max_output_tokens: int = Field(4096, gt=0)  # output estimate when a request sets none
+    tenants: dict[str, Tenant] = Field(default_factory=dict)
+
+    @field_validator("time_zone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r}; use an IANA name such as Europe/Berlin") from None
+        return value
+
+    @model_validator(mode="after")
+    def _unique_keys(self) -> Tenancy:
+        seen: set[str] = set()
+        for tenant in self.tenants.values():
+            for key in tenant.api_keys:
+                if key.sha256 in seen:
+                    raise ValueError(f"API key sha256 {key.sha256[:12]}... is listed more than once")
+                seen.add(key.sha256)
+        return self
+
+
+class Price(_Strict):
+    """USD per million tokens."""
+
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+    cached_input: float | None = Field(None, ge=0)  # None: the input price
+
+
+def _header_name(name: str) -> str:
+    lowered = name.strip().lower()
+    if not _HEADER_NAME.fullmatch(lowered):
+        raise ValueError(f"invalid header name {name!r}")
+    return lowered
