@@ -77,7 +77,6 @@ class Authorization(auth_grpc.AuthorizationServicer):
             return _denied(api, 403, f"Tenant {caller.tenant!r} may not call model {model!r}.", ERROR_CODE_FORBIDDEN)
 
         upstream = [(TENANT_HEADER, caller.tenant)]
-        remove = [name for name in OWN_HEADERS if name in headers]
         if caller.user is not None:
             upstream.append((USER_HEADER, caller.user))
         client: list[tuple[str, str]] = []
@@ -95,6 +94,10 @@ class Authorization(auth_grpc.AuthorizationServicer):
             if check.warnings:
                 client.append((WARNING_HEADER, "; ".join(check.warnings)))
 
+        # Client copies of the headers set here are overwritten; the others are removed. Envoy
+        # applies removals after additions, so a header set here must not be removed too.
+        setting = {name for name, _ in upstream}
+        remove = [name for name in OWN_HEADERS if name in headers and name not in setting]
         metadata = {"tenant": caller.tenant, "user": caller.user or "", "identity_source": caller.source}
         return _ok(upstream, remove, client, metadata)
 

@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
 from extguard.budget.memory import MemoryBudgetStore
 from extguard.budget.plan import PlannedCounter, counters_for, store_limit, store_metric
 from extguard.budget.redis_store import RedisBudgetStore
-from extguard.budget.store import BudgetStore
+from extguard.budget.store import BudgetStore, Counter
 from extguard.config.tenancy import Price, StoreBackend, Tenancy
 
 log = logging.getLogger("extguard.budget")
+T = TypeVar("T")
+# Seconds between attempts to replay spooled commits while the store is down.
+SPOOL_RETRY_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +52,10 @@ class BudgetKeeper:
         self.zone = ZoneInfo(tenancy.time_zone)
         self.timeout_s = tenancy.store.timeout_ms / 1000
         self._store_down = False
+        # Commits that failed, oldest first, replayed in order; bounded by store.spool_max.
+        self.spool: collections.deque[tuple[str, list[Counter], dict[str, int]]] = collections.deque()
+        self.spool_dropped = 0
+        self._replay_task: asyncio.Task[None] | None = None
 
     @classmethod
     def from_settings(cls, tenancy: Tenancy, pricing: dict[str, Price]) -> BudgetKeeper:
@@ -68,14 +78,11 @@ class BudgetKeeper:
         if not planned:
             return PreCheck()
         try:
-            states = await asyncio.wait_for(
-                self.store.status([item.counter for item in planned], now_ms=int(moment.timestamp() * 1000)),
-                self.timeout_s,
-            )
+            states = await self.call(self.store.status([item.counter for item in planned], now_ms=int(moment.timestamp() * 1000)))
         except Exception as error:  # noqa: BLE001 - any store failure (timeout, connection, server error)
-            self._note_store_down(error)
+            self.note_store_down(error)
             return PreCheck(store_unavailable=True)
-        self._note_store_up()
+        self.note_store_up()
 
         warnings: list[str] = []
         for item, state in zip(planned, states, strict=True):
@@ -92,15 +99,67 @@ class BudgetKeeper:
                     warnings.append(f"{item.counter.scope} {item.period.window.value} {budget.metric.value} {percent}%")
         return PreCheck(warnings=warnings)
 
+    async def call(self, operation: Awaitable[T]) -> T:
+        """Await a store operation under the store's timeout."""
+        return await asyncio.wait_for(operation, self.timeout_s)
+
+    async def commit_or_spool(self, reservation_id: str, counters: Sequence[Counter], amounts: Mapping[str, int]) -> None:
+        """Commit usage now, or keep it in the spool for replay when the store fails."""
+        if not self.spool:
+            try:
+                await self.call(self.store.commit(reservation_id, counters, amounts))
+                self.note_store_up()
+                return
+            except Exception as error:  # noqa: BLE001 - any store failure: keep the usage
+                self.note_store_down(error)
+        self._spool(reservation_id, list(counters), dict(amounts))
+
+    async def replay_spool(self) -> int:
+        """Commit spooled usage in order until the spool is empty or the store fails; return the count."""
+        replayed = 0
+        while self.spool:
+            reservation_id, counters, amounts = self.spool[0]
+            try:
+                await self.call(self.store.commit(reservation_id, counters, amounts))
+            except Exception as error:  # noqa: BLE001 - still down: try again later
+                self.note_store_down(error)
+                break
+            self.spool.popleft()
+            replayed += 1
+        if replayed:
+            self.note_store_up()
+            log.info("replayed %d spooled budget commits; %d left", replayed, len(self.spool))
+        return replayed
+
     async def close(self) -> None:
+        if self._replay_task is not None:
+            self._replay_task.cancel()
+        await self.replay_spool()
+        if self.spool:
+            log.error("%d budget commits could not be written before shutdown", len(self.spool))
         await self.store.close()
 
-    def _note_store_down(self, error: BaseException) -> None:
+    def note_store_down(self, error: BaseException) -> None:
+        """Log the first failure of an outage; later ones are only counted."""
         if not self._store_down:
             self._store_down = True
             log.error("budget store unavailable (%s); failure mode %s", type(error).__name__, self.tenancy.store.failure_mode)
 
-    def _note_store_up(self) -> None:
+    def note_store_up(self) -> None:
         if self._store_down:
             self._store_down = False
             log.info("budget store available again")
+
+    def _spool(self, reservation_id: str, counters: list[Counter], amounts: dict[str, int]) -> None:
+        if len(self.spool) >= self.tenancy.store.spool_max:
+            self.spool.popleft()
+            self.spool_dropped += 1
+            log.error("budget spool full (%d): the oldest usage record was dropped", self.tenancy.store.spool_max)
+        self.spool.append((reservation_id, counters, amounts))
+        if self._replay_task is None or self._replay_task.done():
+            self._replay_task = asyncio.get_running_loop().create_task(self._replay_until_empty())
+
+    async def _replay_until_empty(self) -> None:
+        while self.spool:
+            await asyncio.sleep(SPOOL_RETRY_S)
+            await self.replay_spool()

@@ -34,7 +34,10 @@ from extguard.llm.payloads import TextSlot
 from extguard.llm.streams import StreamRewriter, stream_rewriter_for
 from extguard.scan.deep import DeepEngineError, DeepEngineTimeout
 from extguard.scan.deep_detector import DeepDetector, is_deep
+from extguard.authz.service import TENANT_HEADER, USER_HEADER
 from extguard.budget.keeper import BudgetKeeper
+from extguard.budget.meter import Meter
+from extguard.llm.usage import ReportedUsage, usage_from_document
 from extguard.scan.engine import Hit, ScanRule, guard_text
 from extguard.scan.findings import Finding
 from extguard.scan.redact import Masker, PseudonymVault
@@ -111,6 +114,9 @@ class Exchange:
         self.response_buffer = bytearray()
         self.logged_problems: set[str] = set()
         self.finished = False  # an ImmediateResponse was sent; Envoy sends nothing more
+        self.meter: Meter | None = None  # set when the policy has budgets and a tenant is known
+        self.reported = ReportedUsage()  # usage in a JSON response
+        self.output_chars = 0  # chars of a JSON response's text, to estimate output without usage
 
     # -- dispatch ------------------------------------------------------------------------------
 
@@ -168,6 +174,15 @@ class Exchange:
         if headers.end_of_stream and values.get(":method") == "POST":
             return self._bad_request_body(BadInput("empty_body"), b"", "request_headers")
 
+        budgets = self.runtime.budgets
+        if budgets is not None:
+            tenant = values.get(TENANT_HEADER, "")
+            if tenant not in budgets.tenancy.tenants:
+                # ext_authz sets the header and removes client copies; without it nothing is metered.
+                message = "No tenant identity reached the gateway's budget stage. Check the ext_authz filter."
+                return self._error_reply(401, message, "extguard_unknown_tenant", "extguard_no_tenant")
+            self.meter = Meter(budgets, tenant, values.get(USER_HEADER) or None, self.request_id)
+
         accept = values.get("accept-encoding")
         if accept is not None and not _only_decodable(accept):
             mutation = messages.header_mutation({"accept-encoding": _ACCEPT_ENCODING})
@@ -204,9 +219,48 @@ class Exchange:
         self._record_hits("request", hits)
         if blocking:
             return self._block_request(blocking)
+        if self.meter is not None:
+            rejected = await self._reserve(payload, slots)
+            if rejected is not None:
+                return rejected
         if not changed:
             return messages.continue_reply("request_body")
         return self._replace_request_body(payload)
+
+    async def _reserve(self, payload: dict[str, Any], slots: list[TextSlot]) -> ext_proc.ProcessingResponse | None:
+        """Check the model and reserve the request's estimate; return the rejection, or None to go on."""
+        meter = self.meter
+        assert meter is not None
+        if not meter.model_allowed(self.model):
+            message = f"Tenant {meter.tenant!r} may not call model {self.model!r}."
+            return self._error_reply(403, message, "extguard_model_not_allowed", "extguard_model_not_allowed")
+        admission = await meter.reserve(self.model, payload, sum(len(slot.text) for slot in slots))
+        if admission.admitted:
+            return None
+        headers = {"retry-after": str(admission.retry_after_s)} if admission.retry_after_s is not None else {}
+        return self._error_reply(admission.status, admission.message, admission.code, admission.code, headers)
+
+    async def settle(self) -> None:
+        """Commit the request's usage to its budgets, once; nothing without a reservation."""
+        if self.meter is None or not self.meter.reserved or self.meter.settled:
+            return
+        if self.rewriter is not None:
+            await self.meter.settle(self.rewriter.usage, self.rewriter.text_chars)
+        else:
+            await self.meter.settle(self.reported, self.output_chars)
+
+    def abandon(self) -> None:
+        """Settle in the background when the stream ended early (client gone, reset, error)."""
+        if self.meter is None or not self.meter.reserved or self.meter.settled:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            log.error("request %s: usage could not be committed, because no event loop runs", self.request_id)
+            return
+        task = loop.create_task(self.settle())
+        _BACKGROUND.add(task)
+        task.add_done_callback(_BACKGROUND.discard)
 
     def _request_rules(self, slot: TextSlot) -> tuple[ScanRule, ...]:
         # The system prompt is the application's own text, and end-user ids are not prose: both
@@ -287,7 +341,10 @@ class Exchange:
         values = messages.header_map(headers)
         content_type = values.get("content-type", "").split(";", 1)[0].strip().lower()
         encoding = values.get("content-encoding", "").strip().lower()
-        guarded = bool(self.policy.response_rules) or bool(self.vault)
+        # A metered request is read too, for the usage the provider reports.
+        guarded = bool(self.policy.response_rules) or bool(self.vault) or self.meter is not None
+        if self.meter is not None and values.get(":status", "200")[:1] in ("4", "5"):
+            self.meter.upstream_failed = True
 
         if content_type == "text/event-stream":
             self.response_kind = "sse"
@@ -295,6 +352,7 @@ class Exchange:
             self.response_kind = "json"
         if not guarded or not self.response_kind:
             self.response_kind = ""
+            self.abandon()  # the body is not read, so settle now with estimates
             return messages.continue_reply("response_headers", _RESPONSE_NONE)
 
         if encoding and encoding != "identity" and encoding not in DECODABLE_ENCODINGS:
@@ -339,7 +397,10 @@ class Exchange:
 
     async def on_response_body(self, body: ext_proc.HttpBody) -> ext_proc.ProcessingResponse:
         if self.response_kind == "sse" and self.rewriter is not None:
-            return self._stream_chunk(body)
+            reply = self._stream_chunk(body)
+            if body.end_of_stream:
+                await self.settle()
+            return reply
         if self.response_kind == "json":
             return await self._json_response(body)
         return messages.continue_reply("response_body")
@@ -397,9 +458,14 @@ class Exchange:
         try:
             payload = self._parse_json(raw, self.response_content_encoding)
         except BadInput as error:
+            await self.settle()
             return self._bad_response_body(error, raw, streamed)
 
         slots = self._api().response_slots(payload)
+        if self.meter is not None:
+            usage_from_document(self._api(), payload, self.reported)
+            self.output_chars = sum(len(slot.text) for slot in slots)
+            await self.settle()
         try:
             known = await self._deep_findings(slots, self._response_rules)
         except DeepScanFailed as failure:
@@ -444,6 +510,7 @@ class Exchange:
             # unless trailers follow.
             self.rewriter.finish()
             self._finish_stream(self.rewriter)
+        self.abandon()
         return messages.continue_reply("response_trailers")
 
     # -- shared steps --------------------------------------------------------------------------
@@ -474,8 +541,8 @@ class Exchange:
     ) -> tuple[list[Hit], list[Hit], bool]:
         """Run `_guard_slots`, in a worker thread for bodies over `THREAD_SCAN_MIN_BYTES`.
 
-        The scan holds the GIL for most of its time, so a thread does not make it faster, but
-        the event loop gets the GIL back every few milliseconds and keeps serving the other
+        The scan holds the GIL for most of its time, so a thread does not make it faster. But
+        the event loop gets the GIL back every few milliseconds, so it keeps serving the other
         streams instead of waiting seconds for a multi-MB body.
         """
         if body_bytes < THREAD_SCAN_MIN_BYTES:
@@ -526,13 +593,17 @@ class Exchange:
             self.logged_problems.add(kind)
             log.info("request %s: bad input %s on %s, action %s", self.request_id, kind, self.path.split("?", 1)[0], action)
 
-    def _error_reply(self, status: int, message: str, code: str, details: str) -> ext_proc.ProcessingResponse:
+    def _error_reply(
+        self, status: int, message: str, code: str, details: str, headers: dict[str, str] | None = None
+    ) -> ext_proc.ProcessingResponse:
         self.finished = True
         body = self._api().error_body(status, message, code)
-        return messages.immediate_reply(status, body, details, _JSON_HEADERS)
+        return messages.immediate_reply(status, body, details, {**_JSON_HEADERS, **(headers or {})})
 
 
 _ASYNC_KINDS = frozenset({"request_body", "response_body"})
+# Settle tasks of exchanges that ended early, kept referenced until they finish.
+_BACKGROUND: set[asyncio.Task[None]] = set()
 _HANDLERS: dict[str, Callable[..., Any]] = {
     "request_headers": Exchange.on_request_headers,
     "request_body": Exchange.on_request_body,

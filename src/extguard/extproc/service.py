@@ -34,13 +34,18 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):
         metrics.streams.inc()
         exchange = Exchange(runtime)
 
-        async for request in request_iterator:
-            started = time.perf_counter()
-            response = await exchange.handle(request)
-            kind = request.WhichOneof("request") or "unknown"
-            metrics.messages.labels(kind).inc()
-            metrics.message_duration.labels(kind).observe(time.perf_counter() - started)
-            yield response
-            if exchange.finished:
-                # After an ImmediateResponse Envoy sends nothing more on this stream.
-                return
+        try:
+            async for request in request_iterator:
+                started = time.perf_counter()
+                response = await exchange.handle(request)
+                kind = request.WhichOneof("request") or "unknown"
+                metrics.messages.labels(kind).inc()
+                metrics.message_duration.labels(kind).observe(time.perf_counter() - started)
+                yield response
+                if exchange.finished:
+                    # After an ImmediateResponse Envoy sends nothing more on this stream.
+                    return
+        finally:
+            # A stream that ends before its response did (client gone, reset, upstream error)
+            # still commits what it used.
+            exchange.abandon()

@@ -19,6 +19,7 @@ from typing import Any
 
 from extguard.llm.apis import ERROR_CODE_BAD_INPUT, ERROR_CODE_BLOCKED, Api, ApiKind
 from extguard.llm.sse import SseDecodeError, SseDecoder, SseEvent, encode_event
+from extguard.llm.usage import ReportedUsage, usage_from_event
 from extguard.scan.engine import Hit
 from extguard.scan.stream import StreamGuard
 
@@ -54,6 +55,8 @@ class StreamRewriter:
         self._pass_bad_events = pass_bad_events
         self._decoder = SseDecoder()
         self._channels: dict[Hashable, StreamGuard] = {}
+        self.usage = ReportedUsage()  # usage the provider reported in the stream so far
+        self.text_chars = 0  # chars of generated text seen, to estimate output without usage
 
     def feed(self, chunk: bytes) -> bytes:
         """Return the bytes to send downstream in place of `chunk`."""
@@ -66,6 +69,7 @@ class StreamRewriter:
 
         output: list[bytes] = []
         for event in events:
+            usage_from_event(self.api, event, self.usage)
             try:
                 output.append(self._rewrite(event))
             except _Blocked as blocked:
@@ -89,6 +93,7 @@ class StreamRewriter:
     # -- channels --------------------------------------------------------------------------
 
     def _feed_channel(self, key: Hashable, delta: str) -> str:
+        self.text_chars += len(delta)
         guard = self._channels.get(key)
         if guard is None:
             guard = self._channels[key] = self._make_guard()

@@ -1,0 +1,128 @@
+"""Metering of one request: reserve its estimate before it goes upstream, commit its usage at the end.
+
+The estimate is the request's text at ESTIMATE_CHARS_PER_TOKEN plus its output cap
+(`max_tokens`, `max_completion_tokens`, or the policy's `default_max_output_tokens`), priced at
+the model's rate. The commit is the usage the provider reported. Where it reported none (a
+cancelled stream, an upstream error after some output), input is the estimate and output is
+estimated from the text seen. An upstream error status before any output commits zero, because
+providers do not bill those.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from extguard.budget.keeper import BudgetKeeper
+from extguard.budget.plan import PlannedCounter, Usage, price_for
+from extguard.llm.usage import ReportedUsage, estimate_tokens
+
+log = logging.getLogger("extguard.budget")
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """The outcome of `Meter.reserve`: admitted, or the HTTP status and message to reject with."""
+
+    admitted: bool
+    status: int = 200
+    message: str = ""
+    code: str = ""
+    retry_after_s: int | None = None
+
+
+class Meter:
+    """The reservation and usage of one request. `settle` commits once; later calls do nothing."""
+
+    def __init__(self, keeper: BudgetKeeper, tenant: str, user: str | None, request_id: str) -> None:
+        self.keeper = keeper
+        self.tenant = tenant
+        self.user = user
+        self.request_id = request_id
+        self.reservation_id = uuid.uuid4().hex
+        self.model: str | None = None
+        self.input_estimate = 0
+        self.counters: list[PlannedCounter] = []
+        self.reserved = False
+        self.settled = False
+        self.upstream_failed = False
+
+    def model_allowed(self, model: str | None) -> bool:
+        patterns = self.keeper.tenancy.tenants[self.tenant].models
+        if patterns is None or model is None:
+            return True
+        return any(fnmatch.fnmatchcase(model, pattern) for pattern in patterns)
+
+    async def reserve(self, model: str | None, payload: dict[str, Any], text_chars: int) -> Admission:
+        """Reserve the estimate of this request against every window of the tenant and user."""
+        self.model = model
+        self.input_estimate = estimate_tokens(text_chars)
+        output_cap = _output_cap(payload, self.keeper.tenancy.default_max_output_tokens)
+        price = price_for(model, self.keeper.pricing)
+        amounts = Usage(self.input_estimate, output_cap).amounts(price)
+        now = datetime.now(UTC)
+        self.counters = self.keeper.counters(self.tenant, self.user, now)
+        if not self.counters:
+            return Admission(True)
+
+        now_ms = int(now.timestamp() * 1000)
+        expires_at_ms = now_ms + self.keeper.tenancy.reservation_ttl_s * 1000
+        try:
+            result = await self.keeper.call(
+                self.keeper.store.reserve(
+                    self.reservation_id, [item.counter for item in self.counters], amounts,
+                    now_ms=now_ms, expires_at_ms=expires_at_ms,
+                )
+            )  # fmt: skip
+        except Exception as error:  # noqa: BLE001 - any store failure follows the failure mode
+            self.keeper.note_store_down(error)
+            if self.keeper.tenancy.store.failure_mode == "closed":
+                return Admission(False, 503, "The budget service is unavailable. Retry later.", "extguard_budget_unavailable")
+            return Admission(True)
+        self.keeper.note_store_up()
+
+        if result.rejection is not None:
+            rejection = result.rejection
+            planned = next(item for item in self.counters if item.counter == rejection.counter)
+            window = f"{planned.counter.scope} {planned.period.window.value}"
+            message = (
+                f"Budget exhausted: this request would pass the {window} {rejection.metric} limit of "
+                f"tenant {self.tenant!r}."
+            )
+            return Admission(False, 429, message, "extguard_budget_exhausted", planned.period.seconds_left(now))
+        self.reserved = True
+        return Admission(True)
+
+    def usage(self, reported: ReportedUsage, output_chars: int) -> Usage:
+        """Return the usage to commit: reported numbers where present, estimates elsewhere."""
+        if self.upstream_failed and output_chars == 0 and reported.output_tokens is None:
+            return Usage()
+        input_tokens = reported.input_tokens if reported.input_tokens is not None else self.input_estimate
+        output_tokens = reported.output_tokens if reported.output_tokens is not None else estimate_tokens(output_chars)
+        return Usage(input_tokens, output_tokens, reported.cached_input_tokens)
+
+    async def settle(self, reported: ReportedUsage, output_chars: int) -> None:
+        """Commit the usage and release the rest of the reservation; spool it when the store fails."""
+        if self.settled or not self.counters:
+            return
+        self.settled = True
+        usage = self.usage(reported, output_chars)
+        amounts = usage.amounts(price_for(self.model, self.keeper.pricing))
+        await self.keeper.commit_or_spool(self.reservation_id, [item.counter for item in self.counters], amounts)
+        log.debug(
+            "request %s tenant %s used %d input and %d output tokens",
+            self.request_id, self.tenant, usage.input_tokens, usage.output_tokens,
+        )  # fmt: skip
+
+
+def _output_cap(payload: dict[str, Any], default: int) -> int:
+    for field in ("max_completion_tokens", "max_tokens"):
+        value = payload.get(field)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return default
+

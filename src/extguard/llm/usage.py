@@ -1,0 +1,94 @@
+"""Token usage as the providers report it, in JSON responses and in SSE streams.
+
+- OpenAI Chat Completions: `usage.prompt_tokens`, `usage.completion_tokens` and
+  `usage.prompt_tokens_details.cached_tokens`; in a stream, the last chunk carries `usage` when
+  the request set `stream_options.include_usage`.
+- Anthropic Messages: `usage.input_tokens` (plus `cache_read_input_tokens` and
+  `cache_creation_input_tokens`, which are input too) and `usage.output_tokens`; in a stream,
+  `message_start` carries the input and `message_delta` the output so far.
+
+Where a provider reports nothing (a cancelled stream, a proxy that strips usage), the caller
+estimates from text at ESTIMATE_CHARS_PER_TOKEN, because no tokenizer file may be loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from extguard.llm.apis import Api, ApiKind
+from extguard.llm.sse import SseEvent
+
+# About 4 chars per token for English text with common BPE tokenizers; an estimate only.
+ESTIMATE_CHARS_PER_TOKEN = 4
+
+
+def estimate_tokens(chars: int) -> int:
+    """Return an estimate of the tokens in `chars` characters of text, rounded up."""
+    return math.ceil(chars / ESTIMATE_CHARS_PER_TOKEN)
+
+
+@dataclass(slots=True)
+class ReportedUsage:
+    """Usage the provider reported so far, with None for counts it did not report."""
+
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cached_input_tokens: int = 0
+
+
+def usage_from_document(api: Api, document: Any, reported: ReportedUsage) -> None:
+    """Update `reported` from a JSON response or one stream chunk of `api`."""
+    if not isinstance(document, dict):
+        return
+    if api.kind is ApiKind.ANTHROPIC_MESSAGES:
+        message = document.get("message")
+        if isinstance(message, dict) and isinstance(message.get("usage"), dict):
+            _anthropic(message["usage"], reported)
+        if isinstance(document.get("usage"), dict):
+            _anthropic(document["usage"], reported)
+        return
+    usage = document.get("usage")
+    if not isinstance(usage, dict):
+        return
+    prompt = _int(usage.get("prompt_tokens"))
+    completion = _int(usage.get("completion_tokens"))
+    if prompt is not None:
+        reported.input_tokens = prompt
+    if completion is not None:
+        reported.output_tokens = completion
+    details = usage.get("prompt_tokens_details")
+    if isinstance(details, dict) and _int(details.get("cached_tokens")) is not None:
+        reported.cached_input_tokens = _int(details.get("cached_tokens")) or 0
+
+
+def usage_from_event(api: Api, event: SseEvent, reported: ReportedUsage) -> None:
+    """Update `reported` from one SSE event, parsing its data only when it can carry usage."""
+    if api.kind is ApiKind.ANTHROPIC_MESSAGES:
+        if event.event not in ("message_start", "message_delta"):
+            return
+    elif '"usage"' not in event.data:
+        return
+    try:
+        document = json.loads(event.data)
+    except ValueError:
+        return
+    usage_from_document(api, document, reported)
+
+
+def _anthropic(usage: dict[str, Any], reported: ReportedUsage) -> None:
+    input_tokens = _int(usage.get("input_tokens"))
+    if input_tokens is not None:
+        cache_read = _int(usage.get("cache_read_input_tokens")) or 0
+        cache_write = _int(usage.get("cache_creation_input_tokens")) or 0
+        reported.input_tokens = input_tokens + cache_read + cache_write
+        reported.cached_input_tokens = cache_read
+    output_tokens = _int(usage.get("output_tokens"))
+    if output_tokens is not None:
+        reported.output_tokens = output_tokens
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None

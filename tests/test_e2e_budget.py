@@ -1,0 +1,135 @@
+"""Budgets end to end: Envoy with ext_authz and ext_proc, extguard, a real redis-server, the SDKs."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import anthropic
+import openai
+import pytest
+
+from extguard.budget.keeper import BudgetKeeper
+from extguard.config.loader import load_policy
+from extguard.scan.detectors import default_detectors
+from extguard.testing.redis_server import RedisServer
+from extguard.testing.stack import Stack
+
+pytestmark = pytest.mark.e2e
+
+ACME_KEY = "sk-acme-e2e-0001"
+GLOBEX_KEY = "sk-globex-e2e-0002"
+
+
+def sha(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+POLICY = """
+version: 1
+default:
+  rules:
+    pii: {{action: mask, entities: [EMAIL_ADDRESS]}}
+tenancy:
+  time_zone: Europe/Berlin
+  store: {{backend: redis, url: '{url}', timeout_ms: 500}}
+  tenants:
+    acme:
+      api_keys: [{{sha256: {acme}}}]
+      budgets: [{{window: day, metric: total_tokens, limit: 100000}}]
+    globex:
+      api_keys: [{{sha256: {globex}}}]
+      models: ["gpt-4o*", "claude-*"]
+      budgets: [{{window: day, metric: total_tokens, limit: 300}}]
+"""
+
+
+@pytest.fixture(scope="module")
+def budget_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, Path]]:
+    work = tmp_path_factory.mktemp("budget-stack")
+    with RedisServer() as redis_server:
+        policy = work / "policy.yaml"
+        policy.write_text(POLICY.format(url=redis_server.url, acme=sha(ACME_KEY), globex=sha(GLOBEX_KEY)), encoding="utf-8")
+        with Stack(policy=policy, work_dir=work) as stack:
+            yield stack, policy
+
+
+def used(policy: Path, tenant: str) -> dict[str, int]:
+    """Return the tenant's used amounts in its current day window, read from Redis."""
+    policies = load_policy(policy, default_detectors())
+    keeper = BudgetKeeper.from_settings(policies.tenancy, policies.pricing)  # type: ignore[arg-type]
+
+    async def read() -> dict[str, int]:
+        counters = [item.counter for item in keeper.counters(tenant, None)]
+        (state,) = await keeper.store.status(counters, now_ms=0)
+        await keeper.store.close()
+        return dict(state.used)
+
+    return asyncio.run(read())
+
+
+def client(stack: Stack, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=key, max_retries=0, timeout=20)
+
+
+def test_usage_committed_equals_reported(budget_stack) -> None:  # type: ignore[no-untyped-def]
+    stack, policy = budget_stack
+    before = used(policy, "acme")
+    oai = client(stack, ACME_KEY)
+
+    answer = oai.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "Say hello"}])
+    stream = oai.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "Count to five"}], stream=True,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    streamed_usage = [chunk.usage for chunk in stream if chunk.usage is not None][-1]
+    claude = anthropic.Anthropic(base_url=stack.base_url, api_key=ACME_KEY, max_retries=0, timeout=20)
+    message = claude.messages.create(model="claude-3-haiku", max_tokens=50, messages=[{"role": "user", "content": "Hi"}])
+
+    after = used(policy, "acme")
+    expected_input = answer.usage.prompt_tokens + streamed_usage.prompt_tokens + message.usage.input_tokens
+    expected_output = answer.usage.completion_tokens + streamed_usage.completion_tokens + message.usage.output_tokens
+    assert after["input_tokens"] - before["input_tokens"] == expected_input
+    assert after["output_tokens"] - before["output_tokens"] == expected_output
+    assert after["total_tokens"] - before["total_tokens"] == expected_input + expected_output
+
+
+def test_exhausted_budget_raises_rate_limit_error(budget_stack) -> None:  # type: ignore[no-untyped-def]
+    stack, _ = budget_stack
+    oai = client(stack, GLOBEX_KEY)
+
+    with pytest.raises(openai.RateLimitError) as raised:
+        for _ in range(50):
+            oai.chat.completions.create(
+                model="gpt-4o-mini", max_tokens=20, messages=[{"role": "user", "content": "Tell me a fact"}]
+            )
+
+    assert raised.value.status_code == 429
+    assert raised.value.body["code"] == "extguard_budget_exhausted"
+    assert 1 <= int(raised.value.response.headers["retry-after"]) <= 25 * 3600
+
+
+def test_model_not_allowed_is_403(budget_stack) -> None:  # type: ignore[no-untyped-def]
+    stack, _ = budget_stack
+
+    with pytest.raises(openai.PermissionDeniedError) as raised:
+        client(stack, GLOBEX_KEY).chat.completions.create(model="o1-preview", messages=[{"role": "user", "content": "hi"}])
+
+    assert raised.value.body["code"] == "extguard_model_not_allowed"
+
+
+def test_unknown_key_is_401_and_spoofed_tenant_ignored(budget_stack) -> None:  # type: ignore[no-untyped-def]
+    stack, policy = budget_stack
+    globex_before = used(policy, "globex")
+
+    with pytest.raises(openai.AuthenticationError):
+        client(stack, "sk-nobody").chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+    spoofing = openai.OpenAI(
+        base_url=f"{stack.base_url}/v1", api_key=ACME_KEY, max_retries=0, timeout=20,
+        default_headers={"x-extguard-tenant": "globex"},
+    )  # fmt: skip
+    spoofing.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+
+    assert used(policy, "globex") == globex_before
