@@ -205,6 +205,10 @@ def test_spent_budget_gets_429_with_retry_after(authz_for) -> None:  # type: ign
     assert error_of(response)["error"]["type"] == "insufficient_quota"
     assert 1 <= int(headers["retry-after"]) <= 25 * 3600
     assert other.status.code == 0
+    decisions = client.runtime.metrics.registry.get_sample_value(
+        "extguard_budget_decisions_total", {"stage": "authz", "decision": "budget_exhausted", "tenant": "acme"}
+    )
+    assert decisions == 1.0
 
 
 @pytest.mark.parametrize(("mode", "status"), [("closed", 503), ("open", 0)])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -192,3 +193,57 @@ async def test_redis_keys_expire_and_share_hash_tag(redis_server: RedisServer) -
 
     assert keys == ["eg:{acme}:c:tenant:day:2026-12-04", "eg:{acme}:done:r1"]
     assert all(0 < ttl for ttl in ttls)
+
+
+async def test_commit_spooled_while_redis_down_then_replayed() -> None:
+    """Usage committed during an outage waits in the spool and reaches Redis once it is back."""
+    from extguard.budget.keeper import BudgetKeeper
+    from extguard.config.tenancy import Tenancy
+
+    server = RedisServer()
+    server.start()
+    tenancy = Tenancy.model_validate(
+        {"store": {"backend": "redis", "url": server.url, "timeout_ms": 300}, "tenants": {"acme": {}}}
+    )
+    keeper = BudgetKeeper.from_settings(tenancy, {})
+    try:
+        await keeper.store.reserve("r1", [day()], {"total_tokens": 50}, now_ms=NOW, expires_at_ms=LATER)
+        server.stop()
+        await keeper.commit_or_spool("r1", [day()], {"total_tokens": 30})
+        await keeper.commit_or_spool("r2", [day()], {"total_tokens": 5})
+        spooled = len(keeper.spool)
+        spool_gauge = keeper.metrics.registry.get_sample_value("extguard_budget_spool_records")
+        errors = keeper.metrics.registry.get_sample_value("extguard_budget_store_errors_total", {"operation": "commit"})
+
+        server.start()  # an empty Redis on the same port, as after a restart without persistence
+        replayed = await keeper.replay_spool()
+        (state,) = await keeper.store.status([day()], now_ms=NOW)
+    finally:
+        await keeper.close()
+        server.close()
+
+    assert (spooled, spool_gauge, errors) == (2, 2.0, 1.0)
+    assert replayed == 2
+    assert state.used["total_tokens"] == 35
+    assert keeper.spool == collections.deque()
+
+
+async def test_spool_is_bounded() -> None:
+    from extguard.budget.keeper import BudgetKeeper
+    from extguard.config.tenancy import Tenancy
+
+    server = RedisServer()  # never started
+    tenancy = Tenancy.model_validate(
+        {"store": {"backend": "redis", "url": server.url, "timeout_ms": 100, "spool_max": 3}, "tenants": {"acme": {}}}
+    )
+    keeper = BudgetKeeper.from_settings(tenancy, {})
+    for index in range(5):
+        await keeper.commit_or_spool(f"r{index}", [day()], {"total_tokens": 1})
+    kept = [record[0] for record in keeper.spool]
+    dropped = keeper.metrics.registry.get_sample_value("extguard_budget_spool_dropped_total")
+    keeper.spool.clear()
+    await keeper.close()
+    server.close()
+
+    assert kept == ["r2", "r3", "r4"]
+    assert dropped == 2.0

@@ -41,10 +41,11 @@ class ServerSettings:
 def build_runtime(policy_path: str | Path, metrics: Metrics | None = None) -> Runtime:
     """Load the policy and build what every exchange shares; raise PolicyError when it is invalid."""
     policies = load_policy(policy_path, default_detectors())
+    metrics = metrics or Metrics()
     budgets = None
     if policies.tenancy is not None:
-        budgets = BudgetKeeper.from_settings(policies.tenancy, policies.pricing)
-    return Runtime(policies=policies, masker=Masker(policies.hash_key), metrics=metrics or Metrics(), budgets=budgets)
+        budgets = BudgetKeeper.from_settings(policies.tenancy, policies.pricing, metrics)
+    return Runtime(policies=policies, masker=Masker(policies.hash_key), metrics=metrics, budgets=budgets)
 
 
 class GuardServer:
@@ -62,7 +63,8 @@ class GuardServer:
         ]
         self.server = grpc.aio.server(options=options)
         ext_proc_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(runtime), self.server)
-        auth_grpc.add_AuthorizationServicer_to_server(Authorization(runtime.policies.tenancy, runtime.budgets), self.server)
+        authorization = Authorization(runtime.policies.tenancy, runtime.budgets, runtime.metrics)
+        auth_grpc.add_AuthorizationServicer_to_server(authorization, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
 
     async def start(self) -> int:

@@ -32,6 +32,7 @@ from extguard.authz.identity import Caller, Identifier, UnknownCaller
 from extguard.budget.keeper import BudgetKeeper
 from extguard.config.tenancy import Tenancy
 from extguard.llm.apis import OPENAI_CHAT, Api, api_for_path
+from extguard.telemetry.metrics import Metrics
 
 log = logging.getLogger("extguard.authz")
 
@@ -52,7 +53,8 @@ ERROR_CODE_STORE = "extguard_budget_unavailable"
 
 
 class Authorization(auth_grpc.AuthorizationServicer):
-    def __init__(self, tenancy: Tenancy | None, budgets: BudgetKeeper | None) -> None:
+    def __init__(self, tenancy: Tenancy | None, budgets: BudgetKeeper | None, metrics: Metrics | None = None) -> None:
+        self._metrics = metrics if metrics is not None else Metrics()
         self._tenancy = tenancy
         self._identifier = Identifier(tenancy) if tenancy is not None else None
         self._budgets = budgets
@@ -68,12 +70,14 @@ class Authorization(auth_grpc.AuthorizationServicer):
             caller = self._identifier.identify(headers, request.attributes.metadata_context)
         except UnknownCaller as unknown:
             log.info("request %s rejected: %s", headers.get("x-request-id", "-"), unknown.reason)
+            self._metrics.budget_decisions.labels("authz", "unknown_tenant", "").inc()
             return _denied(api, 401, f"Unauthorized: {unknown.reason}.", ERROR_CODE_UNAUTHENTICATED)
 
         model = headers.get(MODEL_HEADER) or _model_from_body(http)
         tenant = self._tenancy.tenants[caller.tenant]
         if model is not None and tenant.models is not None and not any(fnmatch.fnmatchcase(model, p) for p in tenant.models):
             log.info("request %s rejected: tenant %s may not call model %s", headers.get("x-request-id", "-"), caller.tenant, model)
+            self._metrics.budget_decisions.labels("authz", "model_not_allowed", caller.tenant).inc()
             return _denied(api, 403, f"Tenant {caller.tenant!r} may not call model {model!r}.", ERROR_CODE_FORBIDDEN)
 
         upstream = [(TENANT_HEADER, caller.tenant)]
@@ -84,10 +88,12 @@ class Authorization(auth_grpc.AuthorizationServicer):
         if self._budgets is not None:
             check = await self._budgets.pre_check(caller.tenant, caller.user)
             if check.store_unavailable:
+                self._metrics.budget_decisions.labels("authz", "store_unavailable", caller.tenant).inc()
                 if self._tenancy.store.failure_mode == "closed":
                     return _denied(api, 503, "The budget service is unavailable. Retry later.", ERROR_CODE_STORE)
                 upstream.append((BUDGET_HEADER, "unchecked"))
             elif check.exhausted is not None:
+                self._metrics.budget_decisions.labels("authz", "budget_exhausted", caller.tenant).inc()
                 spent = check.exhausted
                 message = f"Budget exhausted: the {spent.window} {spent.metric} limit of tenant {caller.tenant!r} is reached."
                 return _denied(api, 429, message, ERROR_CODE_BUDGET, retry_after_s=spent.retry_after_s)
@@ -98,6 +104,7 @@ class Authorization(auth_grpc.AuthorizationServicer):
         # applies removals after additions, so a header set here must not be removed too.
         setting = {name for name, _ in upstream}
         remove = [name for name in OWN_HEADERS if name in headers and name not in setting]
+        self._metrics.budget_decisions.labels("authz", "allowed", caller.tenant).inc()
         metadata = {"tenant": caller.tenant, "user": caller.user or "", "identity_source": caller.source}
         return _ok(upstream, remove, client, metadata)
 

@@ -16,6 +16,7 @@ from extguard.budget.plan import PlannedCounter, counters_for, store_limit, stor
 from extguard.budget.redis_store import RedisBudgetStore
 from extguard.budget.store import BudgetStore, Counter
 from extguard.config.tenancy import Price, StoreBackend, Tenancy
+from extguard.telemetry.metrics import Metrics
 
 log = logging.getLogger("extguard.budget")
 T = TypeVar("T")
@@ -45,8 +46,11 @@ class PreCheck:
 class BudgetKeeper:
     """Holds the budget store and answers the questions of ext_authz and ext_proc about it."""
 
-    def __init__(self, tenancy: Tenancy, pricing: dict[str, Price], store: BudgetStore) -> None:
+    def __init__(
+        self, tenancy: Tenancy, pricing: dict[str, Price], store: BudgetStore, metrics: Metrics | None = None
+    ) -> None:
         self.tenancy = tenancy
+        self.metrics = metrics if metrics is not None else Metrics()
         self.pricing = pricing
         self.store = store
         self.zone = ZoneInfo(tenancy.time_zone)
@@ -58,13 +62,13 @@ class BudgetKeeper:
         self._replay_task: asyncio.Task[None] | None = None
 
     @classmethod
-    def from_settings(cls, tenancy: Tenancy, pricing: dict[str, Price]) -> BudgetKeeper:
+    def from_settings(cls, tenancy: Tenancy, pricing: dict[str, Price], metrics: Metrics | None = None) -> BudgetKeeper:
         settings = tenancy.store
         if settings.backend is StoreBackend.REDIS:
             store: BudgetStore = RedisBudgetStore.from_url(settings.url, timeout_s=settings.timeout_ms / 1000)
         else:
             store = MemoryBudgetStore()
-        return cls(tenancy, pricing, store)
+        return cls(tenancy, pricing, store, metrics)
 
     def counters(self, tenant: str, user: str | None, now: datetime | None = None) -> list[PlannedCounter]:
         """Return the counters of `tenant` and `user` at `now` (default: the current time)."""
@@ -80,7 +84,7 @@ class BudgetKeeper:
         try:
             states = await self.call(self.store.status([item.counter for item in planned], now_ms=int(moment.timestamp() * 1000)))
         except Exception as error:  # noqa: BLE001 - any store failure (timeout, connection, server error)
-            self.note_store_down(error)
+            self.note_store_down(error, "status")
             return PreCheck(store_unavailable=True)
         self.note_store_up()
 
@@ -111,7 +115,7 @@ class BudgetKeeper:
                 self.note_store_up()
                 return
             except Exception as error:  # noqa: BLE001 - any store failure: keep the usage
-                self.note_store_down(error)
+                self.note_store_down(error, "commit")
         self._spool(reservation_id, list(counters), dict(amounts))
 
     async def replay_spool(self) -> int:
@@ -122,9 +126,10 @@ class BudgetKeeper:
             try:
                 await self.call(self.store.commit(reservation_id, counters, amounts))
             except Exception as error:  # noqa: BLE001 - still down: try again later
-                self.note_store_down(error)
+                self.note_store_down(error, "replay")
                 break
             self.spool.popleft()
+            self.metrics.budget_spool.set(len(self.spool))
             replayed += 1
         if replayed:
             self.note_store_up()
@@ -139,8 +144,9 @@ class BudgetKeeper:
             log.error("%d budget commits could not be written before shutdown", len(self.spool))
         await self.store.close()
 
-    def note_store_down(self, error: BaseException) -> None:
-        """Log the first failure of an outage; later ones are only counted."""
+    def note_store_down(self, error: BaseException, operation: str) -> None:
+        """Count a failed store call; log only the first failure of an outage."""
+        self.metrics.budget_store_errors.labels(operation).inc()
         if not self._store_down:
             self._store_down = True
             log.error("budget store unavailable (%s); failure mode %s", type(error).__name__, self.tenancy.store.failure_mode)
@@ -154,8 +160,10 @@ class BudgetKeeper:
         if len(self.spool) >= self.tenancy.store.spool_max:
             self.spool.popleft()
             self.spool_dropped += 1
+            self.metrics.budget_spool_dropped.inc()
             log.error("budget spool full (%d): the oldest usage record was dropped", self.tenancy.store.spool_max)
         self.spool.append((reservation_id, counters, amounts))
+        self.metrics.budget_spool.set(len(self.spool))
         if self._replay_task is None or self._replay_task.done():
             self._replay_task = asyncio.get_running_loop().create_task(self._replay_until_empty())
 

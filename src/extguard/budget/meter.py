@@ -79,13 +79,14 @@ class Meter:
                 )
             )  # fmt: skip
         except Exception as error:  # noqa: BLE001 - any store failure follows the failure mode
-            self.keeper.note_store_down(error)
+            self.keeper.note_store_down(error, "reserve")
             if self.keeper.tenancy.store.failure_mode == "closed":
                 return Admission(False, 503, "The budget service is unavailable. Retry later.", "extguard_budget_unavailable")
             return Admission(True)
         self.keeper.note_store_up()
 
         if result.rejection is not None:
+            self.keeper.metrics.budget_decisions.labels("reserve", "budget_exhausted", self.tenant).inc()
             rejection = result.rejection
             planned = next(item for item in self.counters if item.counter == rejection.counter)
             window = f"{planned.counter.scope} {planned.period.window.value}"
@@ -95,6 +96,7 @@ class Meter:
             )
             return Admission(False, 429, message, "extguard_budget_exhausted", planned.period.seconds_left(now))
         self.reserved = True
+        self.keeper.metrics.budget_decisions.labels("reserve", "admitted", self.tenant).inc()
         return Admission(True)
 
     def usage(self, reported: ReportedUsage, output_chars: int) -> Usage:
@@ -113,6 +115,8 @@ class Meter:
         usage = self.usage(reported, output_chars)
         amounts = usage.amounts(price_for(self.model, self.keeper.pricing))
         await self.keeper.commit_or_spool(self.reservation_id, [item.counter for item in self.counters], amounts)
+        self.keeper.metrics.budget_tokens.labels(self.tenant, "input").inc(usage.input_tokens)
+        self.keeper.metrics.budget_tokens.labels(self.tenant, "output").inc(usage.output_tokens)
         log.debug(
             "request %s tenant %s used %d input and %d output tokens",
             self.request_id, self.tenant, usage.input_tokens, usage.output_tokens,

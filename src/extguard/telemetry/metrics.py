@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Hold-back sizes in characters: one token is about 4 characters of English text.
 _HELD_CHARS_BUCKETS = (0, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -60,6 +60,34 @@ class Metrics:
             "extguard_deep_engine_failures",
             "Deep engine calls that timed out or failed, by engine, reason and the failure mode applied.",
             ["engine", "reason", "failure_mode"],
+            registry=self.registry,
+        )
+        self.budget_decisions = Counter(
+            "extguard_budget_decisions",
+            "Budget and identity decisions, by stage (authz or reserve), decision and tenant.",
+            ["stage", "decision", "tenant"],
+            registry=self.registry,
+        )
+        self.budget_store_errors = Counter(
+            "extguard_budget_store_errors",
+            "Budget store calls that failed or timed out, by operation.",
+            ["operation"],
+            registry=self.registry,
+        )
+        self.budget_spool = Gauge(
+            "extguard_budget_spool_records",
+            "Usage records waiting in the local spool for the budget store to come back.",
+            registry=self.registry,
+        )
+        self.budget_spool_dropped = Counter(
+            "extguard_budget_spool_dropped",
+            "Usage records dropped because the spool was full.",
+            registry=self.registry,
+        )
+        self.budget_tokens = Counter(
+            "extguard_budget_tokens",
+            "Tokens committed to budgets, by tenant and kind (input or output).",
+            ["tenant", "kind"],
             registry=self.registry,
         )
         self.stream_held_chars = Histogram(
