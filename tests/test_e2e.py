@@ -350,6 +350,27 @@ def test_extguard_timeout_answers_json_504(tmp_path) -> None:  # type: ignore[no
         assert upstream.bodies() == []
 
 
+def test_own_error_bodies_pass_envoy_mappers(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """extguard's own 504 (a deep engine past its deadline) keeps its body; Envoy maps only its own failures."""
+    pytest.importorskip("presidio_analyzer")
+    policy = tmp_path / "deep.yaml"
+    policy.write_text(
+        "deep_engines:\n  presidio: {deadline_ms: 1}\n"
+        "default:\n  failure_mode: closed\n  rules:\n    names: {detector: presidio, action: mask}\n",
+        encoding="utf-8",
+    )
+    work_dir = tmp_path / "stack"
+    work_dir.mkdir()
+    with Stack(policy=policy, work_dir=work_dir) as own:
+        client = openai.OpenAI(base_url=f"{own.base_url}/v1", api_key="k", max_retries=0, timeout=20)
+        with pytest.raises(openai.APIStatusError) as raised:
+            client.chat.completions.create(model="gpt-4o-mini", messages=user("John Smith lives in Paris"))
+
+    assert raised.value.status_code == 504
+    assert "presidio scan did not finish in time" in raised.value.message
+    assert raised.value.body["code"] == "extguard_unavailable"
+
+
 def test_sigterm_lets_stream_in_flight_finish(tmp_path) -> None:  # type: ignore[no-untyped-def]
     with Stack(policy=EXAMPLE_POLICY, work_dir=tmp_path) as own:
         client = openai.OpenAI(base_url=f"{own.base_url}/v1", api_key="k", max_retries=0, timeout=20)

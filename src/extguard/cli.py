@@ -102,7 +102,7 @@ def _deep_engine_notes(path: str, policies: Any) -> list[str]:
         notes.append("a rule uses presidio, which is not installed here (pip install 'extguard[presidio]').")
     if "llm_guard" in names:
         if importlib.util.find_spec("llm_guard") is None:
-            notes.append("a rule uses llm_guard, which is not installed here (pip install 'extguard[llm-guard]').")
+            notes.append("a rule uses llm_guard, which is not installed here (see scripts/bootstrap-llm-guard.sh).")
         with open(path, encoding="utf-8") as file:
             settings = (yaml.safe_load(file).get("deep_engines") or {}).get("llm_guard") or {}
         model_path = settings.get("model_path")

@@ -308,7 +308,7 @@ class Exchange:
                     "timed out" if timed_out else f"failed ({type(error).__name__})", mode.value)
         if mode is FailureMode.CLOSED:
             what = "did not finish in time" if timed_out else "failed"
-            # 504 and 500, never 503: Envoy's local reply format rewrites 503 bodies.
+            # 504 and 500: the local bootstrap maps only the 503 and 504 replies that Envoy itself makes.
             raise DeepScanFailed(504 if timed_out else 500, f"extguard's {engine.name} scan {what}, so the request was stopped. Try again later.")
 
     def _replace_request_body(self, payload: dict[str, Any]) -> ext_proc.ProcessingResponse:

@@ -279,7 +279,11 @@ class _PooledEngine:
 
 def _require_package(module: str, distribution: str, extra: str) -> None:
     if importlib.util.find_spec(module) is None:
-        raise DeepEngineError(f"{distribution} is not installed; install it with: pip install 'extguard[{extra}]'")
+        hint = f"pip install 'extguard[{extra}]'"
+        if extra == "llm-guard":
+            # llm-guard pins an older presidio-analyzer, so it gets an environment of its own.
+            hint = "scripts/test builds .venv-llm-guard with it; see scripts/bootstrap-llm-guard.sh"
+        raise DeepEngineError(f"{distribution} is not installed in this environment; {hint}")
 
 
 def _sorted_findings(findings: list[Finding]) -> list[Finding]:

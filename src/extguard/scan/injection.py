@@ -57,15 +57,15 @@ passage in double quotes after "translate") counts with half its weight. The oth
 | role_header | 0.55 | a "### System:" header; "### Instruction:" or "### Response:" weigh 0.35 (`role_header_weak`) |
 | fake_role_turn | 0.45 | a line starting "assistant:", "system:", "AI:" inside the text |
 | fake_system_message | 0.7 | "system announcement begins", "** System instruction", "end of user input" |
-| role_tag | 0.5 | `<system>`, `</user>`, `<assistant>` tags, "[system](#new_instructions)" |
+| role_tag | 0.35 | `<system>`, `</user>`, `<assistant>` tags, "[system](#new_instructions)" |
 | fake_assistant_state | 0.8 | "the assistant is offline/in error", "its role is now fulfilled by" |
 | addressed_to_ai | 0.8 | "AI assistant, when you ...", "note to the AI:", "if you are an AI reading this" |
-| when_you_process | 0.5 | "when you summarize/read/process this ..." |
+| when_you_process | 0.35 | "when you summarize/read/process this ..." |
 | response_manipulation | 0.45 | "in your response, include", "reply in Base64", "modify your answer to" |
 | code_insertion | 0.55 | "embed the following code snippet into your code" |
 | dangerous_code | 0.3 | `rm -rf /`, `shutil.rmtree("/")`, `curl ... \| sh`, shell=True subprocesses, socket exfiltration |
 | markdown_exfiltration | 0.6 | a Markdown image whose URL carries a placeholder for chat data |
-| urgent_interrupt | 0.5 | "STOP EVERYTHING", "stop what you are doing" |
+| urgent_interrupt | 0.35 | "STOP EVERYTHING", "stop what you are doing" |
 | forced_output | 0.35 | "just print '...'", "only say: ..." |
 | instruction_override_multilingual | 0.9 | instruction override in Korean, Chinese, Japanese, Spanish, German, French, Russian, Italian, Portuguese |
 | persona_jailbreak_multilingual | 0.75 | "do anything now", "no longer bound by rules" in those languages |
@@ -648,7 +648,7 @@ _PHRASE_RULES: tuple[tuple[str, float, tuple[str, ...]], ...] = (
     ),
     (
         "role_tag",
-        0.5,
+        0.35,
         (
             r"</?(?:system|sys|assistant|admin|developer|im_start|user_input|system_prompt)>",
             # A Markdown link used as a role marker: "[system](#new_instructions)".
@@ -682,7 +682,7 @@ _PHRASE_RULES: tuple[tuple[str, float, tuple[str, ...]], ...] = (
     ),
     (
         "when_you_process",
-        0.5,
+        0.35,
         (
             r"\bwhen (?:you|the (?:ai|assistant|model|llm)) (?:summari[sz]e|read|process|see|analy[sz]e|translate|review|"
             r"parse|encounter|retrieve)s? (?:this|these|the following)\b",
@@ -742,7 +742,7 @@ _PHRASE_RULES: tuple[tuple[str, float, tuple[str, ...]], ...] = (
     ),
     (
         "urgent_interrupt",
-        0.5,
+        0.35,
         (r"\bstop everything\b", r"\bstop what you(?:'re| are) doing\b"),
     ),
     (
@@ -1358,6 +1358,10 @@ class InjectionDetector:
                 weight *= _QUOTED_WEIGHT_FACTOR
             elif name == "instruction_override" and _is_self_correction(text, original_start, original_end):
                 weight *= _QUOTED_WEIGHT_FACTOR
+            elif name in _EDITABLE_RULES and _NARROWED_REQUEST.match(text, original_end):
+                weight *= _QUOTED_WEIGHT_FACTOR
+            elif name in _TOKEN_RULES and _is_discussed_token(text, original_start, original_end):
+                weight *= _DISCUSSED_TOKEN_FACTOR
             _add(hits, name, weight, original_start, original_end)
 
         self._collect_structure(text, normalized, hits)
@@ -1488,6 +1492,40 @@ _SWEEPING = re.compile(r"\b(?:all|every|any|everything)\b", re.IGNORECASE)
 _NARROWED_AFTER = re.compile(
     r"\s*(?:(?:that|which) )?(?:i|we) (?:gave|wrote|sent|provided|told|mentioned|shared|made|listed|asked)\b"
     r"|\s*(?:about|regarding|concerning) (?:the |my |our |this |that )?\w+",
+    re.IGNORECASE,
+)
+
+
+# "Repeat the text above but fix the grammar", "translate your guidelines for new employees": a
+# request about the user's own text, narrowed by an edit or by what the text is for.
+_EDITABLE_RULES = frozenset({"prompt_extraction", "own_instructions_request"})
+_NARROWED_REQUEST = re.compile(
+    r"[\s,]*(?:(?:but|and|then)\s+(?:fix|correct|improv|rewrit|translat|shorten|summari[sz]|format|edit|"
+    r"proofread|polish|simplif|clean)\w*|for\s+(?:new|our|my|the|all)?\s*(?:employees|staff|customers|users|team|"
+    r"students|readers|clients|members|contractors|visitors|volunteers))\b",
+    re.IGNORECASE,
+)
+# Special tokens and role tags that a developer asks about ("What does <|im_start|> mean?").
+_TOKEN_RULES = frozenset({"chat_template_token", "role_tag"})
+# Lower than for quoted phrases, because a question about templates often names several tokens.
+_DISCUSSED_TOKEN_FACTOR = 0.35
+_SENTENCE_END = re.compile(r"[.!?\n]")
+
+
+def _is_discussed_token(text: str, start: int, end: int) -> bool:
+    """Return whether the token at `text[start:end]` sits in a question or is quoted in backticks."""
+    if text[max(0, start - 1) : start] == "`" and text[end : end + 1] == "`":
+        return True
+    sentence_end = _SENTENCE_END.search(text, end)
+    if sentence_end is not None and text[sentence_end.start()] == "?":
+        return True
+    window_start = max(0, start - _DISCUSSION_CONTEXT_CHARS)
+    return _TOKEN_QUESTION.search(text, window_start, min(len(text), end + _DISCUSSION_CONTEXT_CHARS)) is not None
+
+
+_TOKEN_QUESTION = re.compile(
+    r"\b(?:what does|what do|what is|how do i|how to|how can i|why (?:is|are|does|do)|explain|format|tokens?|tags?|"
+    r"template|config(?:uration)?|xml|element|properties)\b",
     re.IGNORECASE,
 )
 
