@@ -299,6 +299,10 @@ NEGATIVES = [
     ("231293-190N", "FI_PERSONAL_IDENTITY_CODE"),
     ("660723-6748", "SE_PERSONNUMMER"),
     ("85061209655", "PL_PESEL"),
+    # Addresses that identify no host, and meeting ids.
+    ("netmask 255.255.255.0", "IP_ADDRESS"),
+    ("curl http://127.0.0.1:8080/health", "IP_ADDRESS"),
+    ("Meeting ID: 812 3456 7890", "PHONE_NUMBER"),
     # Log lines, timestamps and version strings.
     ("started_at 202403150010", "SE_PERSONNUMMER"),
     ("Reference 204805620871", "SE_PERSONNUMMER"),

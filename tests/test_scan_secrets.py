@@ -279,6 +279,8 @@ NOT_FOUND = [
     pytest.param("mysql://app:${DB_PASSWORD}@db/app", id="db-template-password"),
     pytest.param("postgres://db.internal:5432/app", id="db-port-only"),
     pytest.param("https://user@example.com/", id="url-no-password"),
+    pytest.param("postgres://postgres:postgres@localhost:5432/app", id="db-default-credentials"),
+    pytest.param("amqp://guest:guest@rabbit:5672/", id="amqp-default-credentials"),
     pytest.param("https://example.com:8443/path?a=b@c", id="url-port-only"),
     pytest.param("http://admin:password@localhost/", id="url-placeholder-password"),
     pytest.param(f"foo://user:{DB_PASSWORD}@example.com/", id="url-unknown-scheme"),

@@ -378,9 +378,17 @@ def _validate_mac(value: str) -> Sequence[Verdict]:
 # -- IP addresses ---------------------------------------------------------------------------
 
 
+# Netmasks ("255.255.255.0"), loopback and the unspecified address identify no host or person.
+_NETMASK_OCTETS = frozenset({0, 128, 192, 224, 240, 248, 252, 254, 255})
+
+
 def _validate_ipv4(value: str) -> Sequence[Verdict]:
-    if any(int(octet) > 255 for octet in value.split(".")):
+    octets = [int(octet) for octet in value.split(".")]
+    if any(octet > 255 for octet in octets):
         return NO_VERDICT
+    is_netmask = octets[0] == 255 and all(octet in _NETMASK_OCTETS for octet in octets)
+    if is_netmask or octets[0] == 127 or octets == [0, 0, 0, 0]:
+        return (Verdict("IP_ADDRESS", 0.3, 0.6, "ipv4_not_a_host"),)
     return (Verdict("IP_ADDRESS", 0.85, 0.95, "ipv4"),)
 
 
@@ -603,7 +611,7 @@ CONTEXT_WORDS: dict[str, tuple[str, ...]] = {
 NEGATIVE_CONTEXT_WORDS = (
     "version", "ver", "v", "release", "build", "order", "invoice", "receipt", "tracking", "ticket",
     "port", "timestamp", "epoch", "uuid", "guid", "isbn", "sku", "hash", "checksum", "sha", "md5",
-    "commit", "serial number", "part number", "model",
+    "commit", "serial number", "part number", "model", "meeting id", "row", "batch", "elapsed", "trace id",
 )  # fmt: skip
 NEGATIVE_CONTEXT_PENALTY = 0.45
 NEGATIVE = "-"  # the key of negative words in the keyword-to-types map

@@ -48,7 +48,8 @@ a variable length, a JWT, a password in a URL, a SAS signature, an AWS secret ke
 from its name, a private key block cut off before its END line. Generic assignments score
 from 0.6 to 0.8, linear in the Shannon entropy of the value between 3.0 and 4.2 bits per char.
 
-Rejected as filler: token bodies with fewer distinct chars than a fifth of their length (at
+URL passwords that repeat the user name (`guest:guest`, `postgres:postgres`) are default
+credentials and are not reported. Rejected as filler: token bodies with fewer distinct chars than a fifth of their length (at
 least 4) or a run of 6 equal chars; token bodies that are lowercase words joined by - or _;
 GitHub tokens whose checksum does not match. Generic values are rejected when shorter than 8
 chars, below the entropy threshold, without letters or with one char class only, when they
@@ -826,9 +827,17 @@ _OTHER_URL = re.compile(
 )
 
 
+def _is_default_credential(url: str, password: str) -> bool:
+    """Return whether the password repeats the user name, as default credentials do (guest:guest)."""
+    user = url.partition("://")[2].rpartition(":" + password + "@")[0]
+    return user.lower() == password.lower()
+
+
 def _find_database_url(text: str, start: int) -> Finding | None:
     match = _DATABASE_URL.match(text, start)
     if match is None or _PASSWORD_PLACEHOLDER.fullmatch(match.group(1)):
+        return None
+    if _is_default_credential(match.group(0), match.group(1)):
         return None
     return _finding("DATABASE_URL_PASSWORD", match.start(1), match.end(1), 0.9, "database_url_password")
 
@@ -836,6 +845,8 @@ def _find_database_url(text: str, start: int) -> Finding | None:
 def _find_url_password(text: str, start: int) -> Finding | None:
     match = _OTHER_URL.match(text, start)
     if match is None or _PASSWORD_PLACEHOLDER.fullmatch(match.group(1)):
+        return None
+    if _is_default_credential(match.group(0), match.group(1)):
         return None
     return _finding("URL_PASSWORD", match.start(1), match.end(1), 0.9, "url_password")
 
