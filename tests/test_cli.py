@@ -52,6 +52,18 @@ def test_check_config_notes_missing_model_folder(tmp_path: Path) -> None:
     assert f"model_path {tmp_path / 'absent'} is not a folder here" in result.stdout
 
 
+def test_check_config_notes_organization_setting(tmp_path: Path) -> None:
+    policy = tmp_path / "org.yaml"
+    policy.write_text(
+        "default:\n  rules:\n    names: {detector: presidio, entities: [PERSON, ORGANIZATION], action: mask}\n",
+        encoding="utf-8",
+    )
+    result = run_cli("check-config", str(policy))
+
+    assert result.returncode == 0
+    assert "ORGANIZATION, which Presidio reports only with deep_engines.presidio.organizations: true" in result.stdout
+
+
 def test_serve_refuses_invalid_policy(tmp_path: Path) -> None:
     policy = tmp_path / "bad.yaml"
     policy.write_text("routes: {}\n", encoding="utf-8")

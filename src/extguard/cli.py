@@ -90,6 +90,17 @@ def _run_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _presidio_rules_name(document: dict[str, Any], entity: str) -> bool:
+    """Return whether a presidio rule of the default policy or a route lists `entity`."""
+    sections = [document.get("default") or {}, *(document.get("routes") or [])]
+    for section in sections:
+        for name, rule in ((section or {}).get("rules") or {}).items():
+            detector = (rule or {}).get("detector", name)
+            if detector == "presidio" and entity in ((rule or {}).get("entities") or []):
+                return True
+    return False
+
+
 def _deep_engine_notes(path: str, policies: Any) -> list[str]:
     """Return what `extguard serve` would miss on this machine to start the policy's deep engines."""
     import importlib.util
@@ -100,6 +111,15 @@ def _deep_engine_notes(path: str, policies: Any) -> list[str]:
     names = {detector.name for detector in policies.deep_detectors()}
     if "presidio" in names and importlib.util.find_spec("presidio_analyzer") is None:
         notes.append("a rule uses presidio, which is not installed here (pip install 'extguard[presidio]').")
+    if "presidio" in names:
+        with open(path, encoding="utf-8") as file:
+            document = yaml.safe_load(file) or {}
+        presidio = (document.get("deep_engines") or {}).get("presidio") or {}
+        if not presidio.get("organizations") and _presidio_rules_name(document, "ORGANIZATION"):
+            notes.append(
+                "a presidio rule lists ORGANIZATION, which Presidio reports only with "
+                "deep_engines.presidio.organizations: true."
+            )
     if "llm_guard" in names:
         if importlib.util.find_spec("llm_guard") is None:
             notes.append("a rule uses llm_guard, which is not installed here (see scripts/bootstrap-llm-guard.sh).")
