@@ -398,3 +398,15 @@ def test_logs_hold_no_payload_values(stack) -> None:  # type: ignore[no-untyped-
     assert "findings under policy" in logs
     for value in values:
         assert value not in logs
+
+
+def test_demo_runs_every_step() -> None:
+    """`extguard demo` through its own stack: every row as expected, the budget row included."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "extguard", "demo"], capture_output=True, text=True, timeout=180)
+
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "All 7 steps turned out as expected." in result.stdout
+    assert "RateLimitError 429" in result.stdout

@@ -2,16 +2,22 @@
 
 Each step sends one request, checks what reached the mock upstream and what the client got,
 and prints one table row. The demo exits 0 only if every step turned out as expected.
+
+The policy is `examples/policy.yaml` plus a `tenancy` section with two tenants and in-memory
+budgets: `acme`, whose key the guard steps use, and `globex`, whose small daily budget runs out.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import signal
+import tempfile
 import textwrap
 import threading
 import urllib.request
+from pathlib import Path
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,6 +27,22 @@ from extguard.testing.stack import EXAMPLE_POLICY, Stack
 
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 MODEL = "gpt-4o-mini"
+ACME_KEY = "demo-key-acme"
+GLOBEX_KEY = "demo-key-globex"
+GLOBEX_DAILY_TOKENS = 150
+# Appended to the example policy; keys are stored as their SHA-256.
+DEMO_TENANCY = """
+tenancy:
+  time_zone: UTC
+  store: {{backend: memory}}
+  tenants:
+    acme:
+      api_keys: [{{sha256: {acme}}}]
+      budgets: [{{window: day, metric: total_tokens, limit: 1000000}}]
+    globex:
+      api_keys: [{{sha256: {globex}}}]
+      budgets: [{{window: day, metric: total_tokens, limit: {globex_limit}, soft: 0.5}}]
+"""
 
 
 @dataclass
@@ -137,6 +159,24 @@ def step_stream_blocked(client: openai.OpenAI, upstream: Upstream) -> Outcome:
     return Outcome("streamed answer that leaks an AWS access key", "expected a block", f"full text: {text!r}", False)
 
 
+def step_budget(client: openai.OpenAI, upstream: Upstream) -> Outcome:
+    """Tenant globex sends short requests until its daily token budget cannot cover the next one."""
+    globex = client.with_options(api_key=GLOBEX_KEY)
+    request = f"tenant globex ({GLOBEX_DAILY_TOKENS} tokens a day) sends short requests"
+    for sent in range(1, 21):
+        try:
+            _chat(globex, "Name one prime number.", max_tokens=20)
+        except openai.RateLimitError as error:
+            retry_after = error.response.headers.get("retry-after", "?")
+            return Outcome(
+                request,
+                f"reserved each estimate; refused request {sent}, which the day's budget could not cover",
+                f"RateLimitError 429 (retry-after {retry_after} s): {error.message}",
+                sent > 1 and error.status_code == 429,
+            )
+    return Outcome(request, "expected the budget to run out", "20 requests passed", False)
+
+
 STEPS: list[Callable[[openai.OpenAI, Upstream], Outcome]] = [
     step_clean,
     step_masked,
@@ -144,6 +184,7 @@ STEPS: list[Callable[[openai.OpenAI, Upstream], Outcome]] = [
     step_injection,
     step_stream_masked,
     step_stream_blocked,
+    step_budget,
 ]
 
 
@@ -170,9 +211,10 @@ def run_demo(*, keep_running: bool = False) -> int:
     for noisy in ("httpx", "httpx2"):  # the openai client's HTTP library logs every request at INFO
         logging.getLogger(noisy).setLevel(logging.WARNING)
     print("Starting the mock upstream, extguard and Envoy on loopback ...")
-    with Stack(policy=EXAMPLE_POLICY) as stack:
-        print(f"Envoy at {stack.base_url}, extguard gRPC on port {stack.extguard_port}, policy {EXAMPLE_POLICY}\n")
-        client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="demo-key", max_retries=0)
+    with tempfile.TemporaryDirectory(prefix="extguard-demo-") as work_dir, Stack(policy=_demo_policy(Path(work_dir))) as stack:
+        print(f"Envoy at {stack.base_url}, extguard gRPC on port {stack.extguard_port}, policy {EXAMPLE_POLICY} "
+              f"with tenants acme and globex\n")
+        client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=ACME_KEY, max_retries=0)
         upstream = Upstream(stack.upstream_url)
         outcomes = []
         for step in STEPS:
@@ -188,9 +230,22 @@ def run_demo(*, keep_running: bool = False) -> int:
 
         if keep_running:
             print(f"\nThe stack is still running. Point an OpenAI client at {stack.base_url}/v1 "
-                  f"(any API key); metrics at {stack.metrics_url}. Press Ctrl-C to stop.")
+                  f"with API key {ACME_KEY} (or {GLOBEX_KEY}, now over budget); metrics at {stack.metrics_url}. "
+                  "Press Ctrl-C to stop.")
             _wait_for_interrupt()
     return 1 if failed else 0
+
+
+def _demo_policy(work_dir: Path) -> Path:
+    """Write the example policy with the demo's tenants into `work_dir` and return its path."""
+    tenancy = DEMO_TENANCY.format(
+        acme=hashlib.sha256(ACME_KEY.encode()).hexdigest(),
+        globex=hashlib.sha256(GLOBEX_KEY.encode()).hexdigest(),
+        globex_limit=GLOBEX_DAILY_TOKENS,
+    )
+    path = work_dir / "demo-policy.yaml"
+    path.write_text(EXAMPLE_POLICY.read_text(encoding="utf-8") + tenancy, encoding="utf-8")
+    return path
 
 
 def _wait_for_interrupt() -> None:
