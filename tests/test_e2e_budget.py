@@ -133,3 +133,90 @@ def test_unknown_key_is_401_and_spoofed_tenant_ignored(budget_stack) -> None:  #
     spoofing.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
 
     assert used(policy, "globex") == globex_before
+
+
+def test_mixed_requests_meter_exactly(budget_stack) -> None:  # type: ignore[no-untyped-def]
+    """400 concurrent JSON, streamed (with and without usage) and failing requests: the committed
+    usage equals what the mock upstream reported or would have billed, and nothing stays reserved."""
+    import math
+    from concurrent.futures import ThreadPoolExecutor
+
+    stack, policy = budget_stack
+    before = used(policy, "acme")
+    oai = client(stack, ACME_KEY)
+
+    def run(index: int) -> tuple[int, int]:
+        prompt = f"Request number {index}: tell me something about the number {index * 7}."
+        reply = "word " * (index % 23 + 1)
+        kind = index % 4
+        if kind == 0:
+            answer = oai.chat.completions.create(
+                model="gpt-4o-mini", max_tokens=100, messages=[{"role": "user", "content": prompt}],
+                extra_body={"mock": {"reply": reply}},
+            )  # fmt: skip
+            return answer.usage.prompt_tokens, answer.usage.completion_tokens
+        if kind == 1:
+            stream = oai.chat.completions.create(
+                model="gpt-4o-mini", max_tokens=100, messages=[{"role": "user", "content": prompt}], stream=True,
+                stream_options={"include_usage": True}, extra_body={"mock": {"reply": reply, "chunk_chars": 3}},
+            )  # fmt: skip
+            usage = [chunk.usage for chunk in stream if chunk.usage is not None][-1]
+            return usage.prompt_tokens, usage.completion_tokens
+        if kind == 2:
+            # No usage in the stream: extguard estimates ceil(chars / 4), as the mock counts.
+            stream = oai.chat.completions.create(
+                model="gpt-4o-mini", max_tokens=100, messages=[{"role": "user", "content": prompt}], stream=True,
+                extra_body={"mock": {"reply": reply, "chunk_chars": 5}},
+            )  # fmt: skip
+            text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+            return math.ceil(len(prompt) / 4), math.ceil(len(text) / 4)
+        # An upstream error: providers do not bill it, so nothing is committed.
+        with pytest.raises(openai.InternalServerError):
+            oai.chat.completions.create(
+                model="gpt-4o-mini", max_tokens=100, messages=[{"role": "user", "content": prompt}],
+                extra_body={"mock": {"status": 500, "error_message": "upstream failed"}},
+            )  # fmt: skip
+        return 0, 0
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(run, range(400)))
+
+    after = used(policy, "acme")
+    policies = load_policy(policy, default_detectors())
+    keeper = BudgetKeeper.from_settings(policies.tenancy, policies.pricing)  # type: ignore[arg-type]
+
+    async def reserved() -> int:
+        counters = [item.counter for item in keeper.counters("acme", None)]
+        (state,) = await keeper.store.status(counters, now_ms=0)
+        await keeper.store.close()
+        return state.reserved["total_tokens"]
+
+    assert after["input_tokens"] - before["input_tokens"] == sum(result[0] for result in results)
+    assert after["output_tokens"] - before["output_tokens"] == sum(result[1] for result in results)
+    assert asyncio.run(reserved()) == 0
+
+
+def test_cancelled_stream_commits_what_was_sent(budget_stack) -> None:  # type: ignore[no-untyped-def]
+    import math
+    import time
+
+    stack, policy = budget_stack
+    before = used(policy, "acme")
+    prompt = "Tell me a long story about a lighthouse keeper."
+    stream = client(stack, ACME_KEY).chat.completions.create(
+        model="gpt-4o-mini", max_tokens=500, messages=[{"role": "user", "content": prompt}], stream=True,
+        extra_body={"mock": {"reply": "story " * 200, "chunk_chars": 6, "chunk_delay_ms": 100}},
+    )  # fmt: skip
+    first = next(chunk for chunk in stream if chunk.choices and chunk.choices[0].delta.content)
+    stream.close()  # the client goes away after the first chunk of text
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and used(policy, "acme")["input_tokens"] == before["input_tokens"]:
+        time.sleep(0.2)
+    after = used(policy, "acme")
+
+    assert first.choices
+    assert after["input_tokens"] - before["input_tokens"] == math.ceil(len(prompt) / 4)
+    # Output is estimated from the text that passed before the reset: at least one chunk, far
+    # less than the 300 tokens of the whole reply.
+    assert 1 <= after["output_tokens"] - before["output_tokens"] < 300
