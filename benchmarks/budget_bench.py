@@ -64,7 +64,7 @@ async def reserve_commit(url: str, clients: int, seconds: float) -> tuple[int, l
             started = time.perf_counter()
             now_ms = int(time.time() * 1000)
             await store.reserve(reservation, counters, {"total_tokens": 500}, now_ms=now_ms, expires_at_ms=now_ms + 60_000)
-            await store.commit(reservation, counters, {"total_tokens": 321})
+            await store.commit(reservation, counters, {"total_tokens": 321}, tenant="bench")
             latencies.append((time.perf_counter() - started) * 1000)
             done += 1
         return done

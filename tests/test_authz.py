@@ -70,7 +70,7 @@ class Authz:
         """Commit `tokens` of usage to the tenant's current day window."""
         budgets = self.runtime.budgets
         counters = [item.counter for item in budgets.counters(tenant, None)]
-        self.server._run(budgets.store.commit(f"spend-{tokens}-{id(counters)}", counters, {"total_tokens": tokens}))
+        self.server._run(budgets.store.commit(f"spend-{tokens}-{id(counters)}", counters, {"total_tokens": tokens}, tenant=tenant))
 
 
 @pytest.fixture

@@ -72,7 +72,7 @@ async def test_reserve_up_to_limit_exactly(store: BudgetStore) -> None:
 
 async def test_commit_replaces_reservation_with_actual(store: BudgetStore) -> None:
     await store.reserve("r1", [day()], {"total_tokens": 60, "cost_nanousd": 900}, now_ms=NOW, expires_at_ms=LATER)
-    committed = await store.commit("r1", [day()], {"total_tokens": 25, "input_tokens": 20, "output_tokens": 5})
+    committed = await store.commit("r1", [day()], {"total_tokens": 25, "input_tokens": 20, "output_tokens": 5}, tenant="acme")
 
     (state,) = await store.status([day()], now_ms=NOW)
     assert committed
@@ -82,8 +82,8 @@ async def test_commit_replaces_reservation_with_actual(store: BudgetStore) -> No
 
 async def test_commit_twice_counts_once(store: BudgetStore) -> None:
     await store.reserve("r1", [day()], {"total_tokens": 60}, now_ms=NOW, expires_at_ms=LATER)
-    first = await store.commit("r1", [day()], {"total_tokens": 25})
-    second = await store.commit("r1", [day()], {"total_tokens": 25})
+    first = await store.commit("r1", [day()], {"total_tokens": 25}, tenant="acme")
+    second = await store.commit("r1", [day()], {"total_tokens": 25}, tenant="acme")
 
     (state,) = await store.status([day()], now_ms=NOW)
     assert (first, second) == (True, False)
@@ -103,7 +103,7 @@ async def test_expired_reservation_stops_counting(store: BudgetStore) -> None:
 async def test_commit_after_expiry_records_usage(store: BudgetStore) -> None:
     await store.reserve("r1", [day()], {"total_tokens": 90}, now_ms=NOW, expires_at_ms=NOW + 1000)
     await store.reserve("r2", [day()], {"total_tokens": 5}, now_ms=NOW + 2000, expires_at_ms=LATER)
-    await store.commit("r1", [day()], {"total_tokens": 70})
+    await store.commit("r1", [day()], {"total_tokens": 70}, tenant="acme")
 
     (state,) = await store.status([day()], now_ms=NOW + 2000)
     assert state.used["total_tokens"] == 70
@@ -139,7 +139,7 @@ async def test_negative_or_unknown_amounts_rejected(store: BudgetStore) -> None:
     with pytest.raises(ValueError, match="must not be negative"):
         await store.reserve("r1", [day()], {"total_tokens": -1}, now_ms=NOW, expires_at_ms=LATER)
     with pytest.raises(ValueError, match="unknown budget metrics"):
-        await store.commit("r1", [day()], {"tokens": 1})
+        await store.commit("r1", [day()], {"tokens": 1}, tenant="acme")
 
 
 async def test_concurrent_reserves_never_overspend(store: BudgetStore, redis_server: RedisServer) -> None:
@@ -185,7 +185,7 @@ async def test_redis_keys_expire_and_share_hash_tag(redis_server: RedisServer) -
     await client.flushdb()
     store = RedisBudgetStore(client)
     await store.reserve("r1", [day()], {"total_tokens": 1}, now_ms=NOW, expires_at_ms=LATER)
-    await store.commit("r1", [day()], {"total_tokens": 1})
+    await store.commit("r1", [day()], {"total_tokens": 1}, tenant="acme")
 
     keys = sorted(key.decode() for key in await client.keys("*"))
     ttls = [await client.ttl(key) for key in keys]
@@ -209,8 +209,8 @@ async def test_commit_spooled_while_redis_down_then_replayed() -> None:
     try:
         await keeper.store.reserve("r1", [day()], {"total_tokens": 50}, now_ms=NOW, expires_at_ms=LATER)
         server.stop()
-        await keeper.commit_or_spool("r1", [day()], {"total_tokens": 30})
-        await keeper.commit_or_spool("r2", [day()], {"total_tokens": 5})
+        await keeper.commit_or_spool("r1", [day()], {"total_tokens": 30}, tenant="acme")
+        await keeper.commit_or_spool("r2", [day()], {"total_tokens": 5}, tenant="acme")
         spooled = len(keeper.spool)
         spool_gauge = keeper.metrics.registry.get_sample_value("extguard_budget_spool_records")
         errors = keeper.metrics.registry.get_sample_value("extguard_budget_store_errors_total", {"operation": "commit"})
@@ -238,8 +238,8 @@ async def test_spool_is_bounded() -> None:
     )
     keeper = BudgetKeeper.from_settings(tenancy, {})
     for index in range(5):
-        await keeper.commit_or_spool(f"r{index}", [day()], {"total_tokens": 1})
-    kept = [record[0] for record in keeper.spool]
+        await keeper.commit_or_spool(f"r{index}", [day()], {"total_tokens": 1}, tenant="acme")
+    kept = [record.reservation_id for record in keeper.spool]
     dropped = keeper.metrics.registry.get_sample_value("extguard_budget_spool_dropped_total")
     keeper.spool.clear()
     await keeper.close()
@@ -247,3 +247,21 @@ async def test_spool_is_bounded() -> None:
 
     assert kept == ["r2", "r3", "r4"]
     assert dropped == 2.0
+
+
+async def test_ledger_sums_commits_per_day_and_model(store: BudgetStore) -> None:
+    from extguard.budget.store import LedgerEntry
+
+    usage = {"input_tokens": 100, "output_tokens": 20, "total_tokens": 120, "cost_nanousd": 5000}
+    await store.commit("r1", [day()], usage, tenant="acme", ledger=LedgerEntry("2026-12-04", "gpt-4o", 40))
+    await store.commit("r2", [], usage, tenant="acme", ledger=LedgerEntry("2026-12-04", "gpt-4o", 0))
+    await store.commit("r3", [], usage, tenant="acme", ledger=LedgerEntry("2026-12-05", "claude-3-haiku", 0))
+    await store.commit("r3", [], usage, tenant="acme", ledger=LedgerEntry("2026-12-05", "claude-3-haiku", 0))
+
+    ledger = await store.usage("acme", ["2026-12-03", "2026-12-04", "2026-12-05"])
+
+    assert ledger == {
+        "2026-12-04": {"gpt-4o": {"requests": 2, "input_tokens": 200, "cached_input_tokens": 40, "output_tokens": 40, "cost_nanousd": 10000}},
+        "2026-12-05": {"claude-3-haiku": {"requests": 1, "input_tokens": 100, "cached_input_tokens": 0, "output_tokens": 20, "cost_nanousd": 5000}},
+    }
+    assert await store.usage("globex", ["2026-12-04"]) == {}

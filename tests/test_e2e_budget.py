@@ -220,3 +220,35 @@ def test_cancelled_stream_commits_what_was_sent(budget_stack) -> None:  # type: 
     # Output is estimated from the text that passed before the reset: at least one chunk, far
     # less than the 300 tokens of the whole reply.
     assert 1 <= after["output_tokens"] - before["output_tokens"] < 300
+
+
+def test_usage_command_matches_counters(budget_stack) -> None:  # type: ignore[no-untyped-def]
+    import json
+    import subprocess
+    import sys
+
+    stack, policy = budget_stack
+    client(stack, ACME_KEY).chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+    counters = used(policy, "acme")
+    command = [sys.executable, "-m", "extguard", "usage", "--config", str(policy), "--tenant", "acme", "--format", "json"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    rows = json.loads(result.stdout)
+    table = subprocess.run(command[:-2], capture_output=True, text=True, timeout=60)
+
+    assert result.returncode == 0, result.stderr
+    assert {row["model"] for row in rows} >= {"gpt-4o-mini", "claude-3-haiku"}
+    assert sum(row["input_tokens"] for row in rows) == counters["input_tokens"]
+    assert sum(row["output_tokens"] for row in rows) == counters["output_tokens"]
+    assert table.stdout.splitlines()[0].split()[:4] == ["day", "tenant", "model", "requests"]
+
+
+def test_usage_command_rejects_unknown_tenant(budget_stack) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+    import sys
+
+    _, policy = budget_stack
+    command = [sys.executable, "-m", "extguard", "usage", "--config", str(policy), "--tenant", "initech"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+    assert result.returncode == 2
+    assert "unknown tenants ['initech']" in result.stderr

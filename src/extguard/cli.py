@@ -1,4 +1,4 @@
-"""The `extguard` command: serve, check-config, demo, mock-upstream."""
+"""The `extguard` command: serve, check-config, scan, eval, usage, demo, mock-upstream."""
 
 from __future__ import annotations
 
@@ -184,8 +184,21 @@ def _run_eval(args: argparse.Namespace) -> int:
     return run_eval(args)
 
 
+def _add_usage(commands: argparse._SubParsersAction) -> None:
+    from extguard.budget.usage_cli import add_usage_parser
+
+    add_usage_parser(commands)
+
+
+def _run_usage(args: argparse.Namespace) -> int:
+    from extguard.budget.usage_cli import run_usage
+
+    return run_usage(args)
+
+
 _COMMANDS = {
     "serve": (_add_serve, _run_serve),
+    "usage": (_add_usage, _run_usage),
     "check-config": (_add_check_config, _run_check_config),
     "scan": (_add_scan, _run_scan),
     "eval": (_add_eval, _run_eval),

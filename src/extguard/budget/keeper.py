@@ -14,7 +14,7 @@ from zoneinfo import ZoneInfo
 from extguard.budget.memory import MemoryBudgetStore
 from extguard.budget.plan import PlannedCounter, counters_for, store_limit, store_metric
 from extguard.budget.redis_store import RedisBudgetStore
-from extguard.budget.store import BudgetStore, Counter
+from extguard.budget.store import BudgetStore, Counter, LedgerEntry
 from extguard.config.tenancy import Price, StoreBackend, Tenancy
 from extguard.telemetry.metrics import Metrics
 
@@ -22,6 +22,20 @@ log = logging.getLogger("extguard.budget")
 T = TypeVar("T")
 # Seconds between attempts to replay spooled commits while the store is down.
 SPOOL_RETRY_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class _SpooledCommit:
+    """One commit that waits for the store."""
+
+    reservation_id: str
+    counters: list[Counter]
+    amounts: dict[str, int]
+    tenant: str
+    ledger: LedgerEntry | None
+
+    def send(self, store: BudgetStore) -> Awaitable[bool]:
+        return store.commit(self.reservation_id, self.counters, self.amounts, tenant=self.tenant, ledger=self.ledger)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +71,7 @@ class BudgetKeeper:
         self.timeout_s = tenancy.store.timeout_ms / 1000
         self._store_down = False
         # Commits that failed, oldest first, replayed in order; bounded by store.spool_max.
-        self.spool: collections.deque[tuple[str, list[Counter], dict[str, int]]] = collections.deque()
+        self.spool: collections.deque[_SpooledCommit] = collections.deque()
         self.spool_dropped = 0
         self._replay_task: asyncio.Task[None] | None = None
 
@@ -107,24 +121,32 @@ class BudgetKeeper:
         """Await a store operation under the store's timeout."""
         return await asyncio.wait_for(operation, self.timeout_s)
 
-    async def commit_or_spool(self, reservation_id: str, counters: Sequence[Counter], amounts: Mapping[str, int]) -> None:
+    async def commit_or_spool(
+        self,
+        reservation_id: str,
+        counters: Sequence[Counter],
+        amounts: Mapping[str, int],
+        *,
+        tenant: str,
+        ledger: LedgerEntry | None = None,
+    ) -> None:
         """Commit usage now, or keep it in the spool for replay when the store fails."""
+        record = _SpooledCommit(reservation_id, list(counters), dict(amounts), tenant, ledger)
         if not self.spool:
             try:
-                await self.call(self.store.commit(reservation_id, counters, amounts))
+                await self.call(record.send(self.store))
                 self.note_store_up()
                 return
             except Exception as error:  # noqa: BLE001 - any store failure: keep the usage
                 self.note_store_down(error, "commit")
-        self._spool(reservation_id, list(counters), dict(amounts))
+        self._spool(record)
 
     async def replay_spool(self) -> int:
         """Commit spooled usage in order until the spool is empty or the store fails; return the count."""
         replayed = 0
         while self.spool:
-            reservation_id, counters, amounts = self.spool[0]
             try:
-                await self.call(self.store.commit(reservation_id, counters, amounts))
+                await self.call(self.spool[0].send(self.store))
             except Exception as error:  # noqa: BLE001 - still down: try again later
                 self.note_store_down(error, "replay")
                 break
@@ -156,13 +178,13 @@ class BudgetKeeper:
             self._store_down = False
             log.info("budget store available again")
 
-    def _spool(self, reservation_id: str, counters: list[Counter], amounts: dict[str, int]) -> None:
+    def _spool(self, record: _SpooledCommit) -> None:
         if len(self.spool) >= self.tenancy.store.spool_max:
             self.spool.popleft()
             self.spool_dropped += 1
             self.metrics.budget_spool_dropped.inc()
             log.error("budget spool full (%d): the oldest usage record was dropped", self.tenancy.store.spool_max)
-        self.spool.append((reservation_id, counters, amounts))
+        self.spool.append(record)
         self.metrics.budget_spool.set(len(self.spool))
         if self._replay_task is None or self._replay_task.done():
             self._replay_task = asyncio.get_running_loop().create_task(self._replay_until_empty())

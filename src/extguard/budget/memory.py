@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 
 from extguard.budget.store import (
     COMMIT_MARKER_TTL_S,
+    LEDGER_METRICS,
     METRICS,
+    LedgerEntry,
     Counter,
     CounterState,
     Rejection,
@@ -37,6 +39,7 @@ class MemoryBudgetStore:
     def __init__(self, clock: object = time.monotonic) -> None:
         self._counters: dict[tuple[str, str], _CounterData] = {}
         self._committed: dict[str, float] = {}
+        self._ledger: dict[tuple[str, str], dict[str, dict[str, int]]] = {}  # (tenant, day) -> model -> metric
         self._clock = clock
 
     async def reserve(
@@ -70,12 +73,27 @@ class MemoryBudgetStore:
             self._touch(item, counter)
         return ReserveResult(None, [_state(counter, item) for counter, item in zip(counters, data, strict=True)])
 
-    async def commit(self, reservation_id: str, counters: Sequence[Counter], actual: Mapping[str, int]) -> bool:
+    async def commit(
+        self,
+        reservation_id: str,
+        counters: Sequence[Counter],
+        actual: Mapping[str, int],
+        *,
+        tenant: str,
+        ledger: LedgerEntry | None = None,
+    ) -> bool:
         amounts = check_amounts(actual)
         self._drop_stale()
         if reservation_id in self._committed:
             return False
         self._committed[reservation_id] = self._clock() + COMMIT_MARKER_TTL_S  # type: ignore[operator]
+        if ledger is not None:
+            row = self._ledger.setdefault((tenant, ledger.day), {}).setdefault(ledger.model, dict.fromkeys(LEDGER_METRICS, 0))
+            row["requests"] += 1
+            row["input_tokens"] += amounts["input_tokens"]
+            row["cached_input_tokens"] += ledger.cached_input_tokens
+            row["output_tokens"] += amounts["output_tokens"]
+            row["cost_nanousd"] += amounts["cost_nanousd"]
         for counter in counters:
             item = self._data(counter)
             opened = item.open.pop(reservation_id, None)
@@ -98,6 +116,9 @@ class MemoryBudgetStore:
             _sweep(item, now_ms)
             states.append(_state(counter, item))
         return states
+
+    async def usage(self, tenant: str, days: Sequence[str]) -> dict[str, dict[str, dict[str, int]]]:
+        return {day: {model: dict(row) for model, row in self._ledger[(tenant, day)].items()} for day in days if (tenant, day) in self._ledger}
 
     async def close(self) -> None:
         self._counters.clear()

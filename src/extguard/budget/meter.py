@@ -19,6 +19,7 @@ from typing import Any
 
 from extguard.budget.keeper import BudgetKeeper
 from extguard.budget.plan import PlannedCounter, Usage, price_for
+from extguard.budget.store import LedgerEntry
 from extguard.llm.usage import ReportedUsage, estimate_tokens
 
 log = logging.getLogger("extguard.budget")
@@ -47,7 +48,8 @@ class Meter:
         self.model: str | None = None
         self.input_estimate = 0
         self.counters: list[PlannedCounter] = []
-        self.reserved = False
+        self.started = datetime.now(UTC)
+        self.reserved = False  # admitted: reserved against every counter, or there were none
         self.settled = False
         self.upstream_failed = False
 
@@ -64,9 +66,10 @@ class Meter:
         output_cap = _output_cap(payload, self.keeper.tenancy.default_max_output_tokens)
         price = price_for(model, self.keeper.pricing)
         amounts = Usage(self.input_estimate, output_cap).amounts(price)
-        now = datetime.now(UTC)
+        now = self.started = datetime.now(UTC)
         self.counters = self.keeper.counters(self.tenant, self.user, now)
         if not self.counters:
+            self.reserved = True  # no budget to hold, but the usage still goes to the ledger
             return Admission(True)
 
         now_ms = int(now.timestamp() * 1000)
@@ -109,12 +112,15 @@ class Meter:
 
     async def settle(self, reported: ReportedUsage, output_chars: int) -> None:
         """Commit the usage and release the rest of the reservation; spool it when the store fails."""
-        if self.settled or not self.counters:
+        if self.settled:
             return
         self.settled = True
         usage = self.usage(reported, output_chars)
         amounts = usage.amounts(price_for(self.model, self.keeper.pricing))
-        await self.keeper.commit_or_spool(self.reservation_id, [item.counter for item in self.counters], amounts)
+        day = self.started.astimezone(self.keeper.zone).date().isoformat()
+        ledger = LedgerEntry(day, self.model or "unknown", min(usage.cached_input_tokens, usage.input_tokens))
+        counters = [item.counter for item in self.counters]
+        await self.keeper.commit_or_spool(self.reservation_id, counters, amounts, tenant=self.tenant, ledger=ledger)
         self.keeper.metrics.budget_tokens.labels(self.tenant, "input").inc(usage.input_tokens)
         self.keeper.metrics.budget_tokens.labels(self.tenant, "output").inc(usage.output_tokens)
         log.debug(

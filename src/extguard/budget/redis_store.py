@@ -23,7 +23,10 @@ from redis.exceptions import NoScriptError
 
 from extguard.budget.store import (
     COMMIT_MARKER_TTL_S,
+    LEDGER_METRICS,
+    LEDGER_TTL_S,
     METRICS,
+    LedgerEntry,
     Counter,
     CounterState,
     Rejection,
@@ -113,9 +116,10 @@ end
 return result
 """ % {"sweep": SWEEP_LIMIT}
 
-# KEYS: counter hash and reservation set of each counter in pairs, then the commit marker.
+# KEYS: counter hash and reservation set of each counter in pairs, then the ledger hash of the
+#       day, then the commit marker.
 # ARGV: reservation id, marker ttl_s, metric count M, M metric names, M actual amounts,
-#       then ttl_s per counter.
+#       then ttl_s per counter, then: ledger flag ("1" or "0"), model, cached input tokens, ledger ttl_s.
 # Returns 1, or 0 when the marker shows the reservation was committed before.
 COMMIT_SCRIPT = """
 local id = ARGV[1]
@@ -124,7 +128,7 @@ local marker = KEYS[#KEYS]
 if not redis.call('SET', marker, '1', 'NX', 'EX', tonumber(ARGV[2])) then
   return 0
 end
-local counters = (#KEYS - 1) / 2
+local counters = (#KEYS - 2) / 2
 for k = 1, counters do
   local c, z = KEYS[2 * k - 1], KEYS[2 * k]
   local stored = redis.call('HGET', c, 'r:' .. id)
@@ -145,6 +149,19 @@ for k = 1, counters do
   redis.call('EXPIRE', c, ttl)
   redis.call('EXPIRE', z, ttl)
 end
+local ledger_at = 3 + 2 * m + counters
+if ARGV[ledger_at + 1] == '1' then
+  local ledger, model = KEYS[#KEYS - 1], ARGV[ledger_at + 2]
+  redis.call('HINCRBY', ledger, model .. '|requests', 1)
+  redis.call('HINCRBY', ledger, model .. '|cached_input_tokens', ARGV[ledger_at + 3])
+  for i = 1, m do
+    local name = ARGV[3 + i]
+    if name ~= 'total_tokens' then
+      redis.call('HINCRBY', ledger, model .. '|' .. name, ARGV[3 + m + i])
+    end
+  end
+  redis.call('EXPIRE', ledger, tonumber(ARGV[ledger_at + 4]))
+end
 return 1
 """
 
@@ -157,6 +174,10 @@ def counter_keys(counter: Counter) -> tuple[str, str]:
 
 def commit_marker_key(tenant: str, reservation_id: str) -> str:
     return f"eg:{{{tenant}}}:done:{reservation_id}"
+
+
+def ledger_key(tenant: str, day: str) -> str:
+    return f"eg:{{{tenant}}}:ledger:{day}"
 
 
 class RedisBudgetStore:
@@ -209,15 +230,42 @@ class RedisBudgetStore:
             states.append(CounterState(counter, used, reserved))
         return ReserveResult(None, states)
 
-    async def commit(self, reservation_id: str, counters: Sequence[Counter], actual: Mapping[str, int]) -> bool:
+    async def commit(
+        self,
+        reservation_id: str,
+        counters: Sequence[Counter],
+        actual: Mapping[str, int],
+        *,
+        tenant: str,
+        ledger: LedgerEntry | None = None,
+    ) -> bool:
         amounts = check_amounts(actual)
-        tenant = _one_tenant(counters)
+        if any(counter.tenant != tenant for counter in counters):
+            raise ValueError(f"every counter of a commit must belong to tenant {tenant!r}")
         keys = [key for counter in counters for key in counter_keys(counter)]
+        keys.append(ledger_key(tenant, ledger.day if ledger is not None else "none"))
         keys.append(commit_marker_key(tenant, reservation_id))
         args: list[Any] = [reservation_id, COMMIT_MARKER_TTL_S, len(METRICS), *METRICS]
         args += [amounts[metric] for metric in METRICS]
         args += [counter.ttl_s for counter in counters]
+        if ledger is None:
+            args += ["0", "", 0, 0]
+        else:
+            args += ["1", ledger.model, ledger.cached_input_tokens, LEDGER_TTL_S]
         return int(await self._run(COMMIT_SCRIPT, keys, args)) == 1
+
+    async def usage(self, tenant: str, days: Sequence[str]) -> dict[str, dict[str, dict[str, int]]]:
+        result: dict[str, dict[str, dict[str, int]]] = {}
+        for day in days:
+            fields = await self._client.hgetall(ledger_key(tenant, day))
+            if not fields:
+                continue
+            models: dict[str, dict[str, int]] = {}
+            for field, value in fields.items():
+                model, _, metric = field.decode().rpartition("|")
+                models.setdefault(model, dict.fromkeys(LEDGER_METRICS, 0))[metric] = int(value)
+            result[day] = models
+        return result
 
     async def status(self, counters: Sequence[Counter], *, now_ms: int) -> list[CounterState]:
         fields = [f"used:{metric}" for metric in METRICS] + [f"rsv:{metric}" for metric in METRICS]

@@ -11,6 +11,9 @@ It holds, per metric, the usage committed so far and the sum of the reservations
   is idempotent per reservation id, so a replay from the spool never counts twice, and it also
   works after the reservation expired.
 - `status` reads counters without changing them.
+- The usage ledger keeps, per tenant, day and model, the requests, input, cached input and
+  output tokens and cost that commits recorded (`LEDGER_METRICS`), for showback; `usage` reads
+  it. Ledger days are kept for LEDGER_TTL_S.
 
 Amounts are non-negative integers: tokens, and cost in nano-USD (1e-9 USD).
 """
@@ -22,6 +25,17 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 METRICS = ("input_tokens", "output_tokens", "total_tokens", "cost_nanousd")
+LEDGER_METRICS = ("requests", "input_tokens", "cached_input_tokens", "output_tokens", "cost_nanousd")
+LEDGER_TTL_S = 400 * 24 * 3600
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    """Where one commit goes in the usage ledger: the tenant's local day and the model."""
+
+    day: str  # YYYY-MM-DD in the policy's time zone
+    model: str
+    cached_input_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,8 +101,20 @@ class BudgetStore(Protocol):
         expires_at_ms: int,
     ) -> ReserveResult: ...
 
-    async def commit(self, reservation_id: str, counters: Sequence[Counter], actual: Mapping[str, int]) -> bool:
-        """Record `actual` and drop the reservation; return False when this id was committed before."""
+    async def commit(
+        self,
+        reservation_id: str,
+        counters: Sequence[Counter],
+        actual: Mapping[str, int],
+        *,
+        tenant: str,
+        ledger: LedgerEntry | None = None,
+    ) -> bool:
+        """Record `actual` (and its ledger entry) and drop the reservation; return False when this id was committed before."""
+        ...
+
+    async def usage(self, tenant: str, days: Sequence[str]) -> dict[str, dict[str, dict[str, int]]]:
+        """Return the ledger of `tenant` for `days`: day -> model -> LEDGER_METRICS; days without usage are left out."""
         ...
 
     async def status(self, counters: Sequence[Counter], *, now_ms: int) -> list[CounterState]: ...
