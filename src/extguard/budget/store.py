@@ -11,9 +11,9 @@ It holds, per metric, the usage committed so far and the sum of the reservations
   is idempotent per reservation id, so a replay from the spool never counts twice, and it also
   works after the reservation expired.
 - `status` reads counters without changing them.
-- The usage ledger keeps, per tenant, day and model, the requests, input, cached input and
-  output tokens and cost that commits recorded (`LEDGER_METRICS`), for showback; `usage` reads
-  it. Ledger days are kept for LEDGER_TTL_S.
+- The usage ledger keeps the requests, input, cached input and output tokens and cost that
+  commits recorded (`LEDGER_METRICS`) per tenant, day and model, for showback. `usage` reads it,
+  and each day is kept for LEDGER_TTL_S.
 
 Amounts are non-negative integers: tokens, and cost in nano-USD (1e-9 USD).
 """
@@ -31,7 +31,7 @@ LEDGER_TTL_S = 400 * 24 * 3600
 
 @dataclass(frozen=True, slots=True)
 class LedgerEntry:
-    """Where one commit goes in the usage ledger: the tenant's local day and the model."""
+    """The ledger row of one commit: the tenant's local day and the model."""
 
     day: str  # YYYY-MM-DD in the policy's time zone
     model: str
