@@ -14,13 +14,19 @@ from extguard import __version__
 
 
 def _add_serve(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("serve", help="run the ext_proc gRPC server")
+    parser = commands.add_parser("serve", help="run the ext_proc and ext_authz gRPC server")
     parser.add_argument("--config", required=True, metavar="POLICY.yaml", help="policy file")
     parser.add_argument("--listen", default="127.0.0.1:50051", help="gRPC host:port (default %(default)s; port 0 picks one)")
     parser.add_argument(
         "--metrics-listen",
         default="127.0.0.1:9464",
         help="Prometheus /metrics host:port (port 0 picks one), or 'off' (default %(default)s)",
+    )
+    parser.add_argument(
+        "--admin-listen",
+        default=None,
+        help="host:port of the budget admin gRPC API (extguard.v1.BudgetAdmin); off unless given, "
+        "because it can reset budgets (port 0 picks one)",
     )
     parser.add_argument(
         "--grace-period-seconds",
@@ -45,6 +51,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         listen=args.listen,
         metrics_listen=None if args.metrics_listen == "off" else args.metrics_listen,
         grace_period_seconds=args.grace_period_seconds,
+        admin_listen=args.admin_listen,
     )
     try:
         asyncio.run(serve(args.config, settings))

@@ -15,6 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 
 from extguard.authz.service import Authorization
+from extguard.budget.admin import BudgetAdmin
 from extguard.budget.keeper import BudgetKeeper
 from extguard.config.loader import load_policy
 from extguard.extproc.exchange import Runtime
@@ -22,6 +23,7 @@ from extguard.extproc.service import ExternalProcessor
 from extguard.scan.detectors import default_detectors
 from extguard.scan.redact import Masker
 from extguard.telemetry.metrics import Metrics
+from extguard.v1 import admin_pb2_grpc
 
 log = logging.getLogger("extguard.server")
 
@@ -36,6 +38,7 @@ class ServerSettings:
     listen: str = "127.0.0.1:50051"  # host:port of the gRPC server; port 0 picks a free port
     metrics_listen: str | None = "127.0.0.1:9464"  # host:port of /metrics (port 0 picks one); None: off
     grace_period_seconds: float = 10.0  # how long streams in flight may finish after SIGTERM
+    admin_listen: str | None = None  # host:port of the budget admin API; None: off
 
 
 def build_runtime(policy_path: str | Path, metrics: Metrics | None = None) -> Runtime:
@@ -65,6 +68,12 @@ class GuardServer:
         ext_proc_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(runtime), self.server)
         authorization = Authorization(runtime.policies.tenancy, runtime.budgets, runtime.metrics)
         auth_grpc.add_AuthorizationServicer_to_server(authorization, self.server)
+        # The admin API can reset budgets, so it gets its own server and address.
+        self.admin_server: grpc.aio.Server | None = None
+        self.admin_port = 0
+        if settings.admin_listen is not None and runtime.budgets is not None:
+            self.admin_server = grpc.aio.server()
+            admin_pb2_grpc.add_BudgetAdminServicer_to_server(BudgetAdmin(runtime.budgets), self.admin_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
 
     async def start(self) -> int:
@@ -83,6 +92,13 @@ class GuardServer:
         if self.port == 0:
             raise OSError(f"--listen: cannot listen on {self.settings.listen}: the address is in use or not local")
         await self.server.start()
+        if self.admin_server is not None and self.settings.admin_listen is not None:
+            split_host_port(self.settings.admin_listen, "--admin-listen")
+            self.admin_port = self.admin_server.add_insecure_port(self.settings.admin_listen)
+            if self.admin_port == 0:
+                raise OSError(f"--admin-listen: cannot listen on {self.settings.admin_listen}")
+            await self.admin_server.start()
+            log.info("budget admin API on port %d", self.admin_port)
         for service in ("", EXT_PROC_SERVICE, AUTHZ_SERVICE):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         return self.port
@@ -92,6 +108,8 @@ class GuardServer:
         for service in ("", EXT_PROC_SERVICE, AUTHZ_SERVICE):
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.stop(self.settings.grace_period_seconds)
+        if self.admin_server is not None:
+            await self.admin_server.stop(1.0)
         for engine in self.runtime.policies.deep_detectors():
             engine.close()
         if self.runtime.budgets is not None:

@@ -120,6 +120,9 @@ class MemoryBudgetStore:
     async def usage(self, tenant: str, days: Sequence[str]) -> dict[str, dict[str, dict[str, int]]]:
         return {day: {model: dict(row) for model, row in self._ledger[(tenant, day)].items()} for day in days if (tenant, day) in self._ledger}
 
+    async def reset(self, counter: Counter) -> None:
+        self._counters.pop((counter.tenant, counter.name), None)
+
     async def close(self) -> None:
         self._counters.clear()
 

@@ -278,6 +278,9 @@ class RedisBudgetStore:
             states.append(CounterState(counter, used, reserved))
         return states
 
+    async def reset(self, counter: Counter) -> None:
+        await self._client.delete(*counter_keys(counter))
+
     async def close(self) -> None:
         await self._client.aclose()
 

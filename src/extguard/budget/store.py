@@ -119,6 +119,10 @@ class BudgetStore(Protocol):
 
     async def status(self, counters: Sequence[Counter], *, now_ms: int) -> list[CounterState]: ...
 
+    async def reset(self, counter: Counter) -> None:
+        """Drop the counter's used and reserved amounts, so its period starts again from zero."""
+        ...
+
     async def close(self) -> None: ...
 
 

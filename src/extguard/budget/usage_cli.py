@@ -1,7 +1,7 @@
 """`extguard usage`: the usage ledger per tenant, day and model, as a table, CSV or JSON.
 
-It reads the Redis store that the policy's `tenancy.store` names. An in-memory store lives
-inside the server process, so it cannot be read from here.
+It reads the Redis store that the policy's `tenancy.store` names, or, with `--server`, asks a
+running extguard's budget admin API, which also serves an in-memory store.
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ COLUMNS = ("day", "tenant", "model", *LEDGER_METRICS)
 
 def add_usage_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("usage", help="print the usage ledger per tenant, day and model")
-    parser.add_argument("--config", required=True, metavar="POLICY.yaml", help="the policy whose tenancy.store to read")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", metavar="POLICY.yaml", help="the policy whose tenancy.store (Redis) to read")
+    source.add_argument("--server", metavar="HOST:PORT", help="a running extguard's --admin-listen address to ask")
     parser.add_argument("--tenant", action="append", help="only this tenant; repeat for several (default: all)")
     parser.add_argument("--from", dest="start", type=date.fromisoformat, help="first day, YYYY-MM-DD (default: today)")
     parser.add_argument("--to", dest="end", type=date.fromisoformat, help="last day, YYYY-MM-DD (default: --from)")
@@ -31,6 +33,8 @@ def add_usage_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run_usage(args: argparse.Namespace) -> int:
+    if args.server:
+        return _run_remote(args)
     from zoneinfo import ZoneInfo
 
     from extguard.budget.keeper import BudgetKeeper
@@ -74,6 +78,28 @@ def run_usage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_remote(args: argparse.Namespace) -> int:
+    import grpc
+
+    from extguard.v1 import admin_pb2, admin_pb2_grpc
+
+    start = args.start or datetime.now(UTC).date()
+    end = args.end or start
+    rows: list[dict[str, Any]] = []
+    with grpc.insecure_channel(args.server) as channel:
+        stub = admin_pb2_grpc.BudgetAdminStub(channel)
+        try:
+            for tenant in args.tenant or [""]:
+                request = admin_pb2.GetUsageRequest(tenant=tenant, from_day=start.isoformat(), to_day=end.isoformat())
+                for row in stub.GetUsage(request, timeout=30).rows:
+                    rows.append({column: getattr(row, column) for column in COLUMNS})
+        except grpc.RpcError as error:
+            print(f"error: {args.server}: {error.code().name}: {error.details()}", file=sys.stderr)
+            return 1
+    _print(rows, args.format)
+    return 0
+
+
 async def _rows(keeper: Any, tenants: list[str], days: list[str]) -> list[dict[str, Any]]:
     rows = []
     try:
@@ -94,7 +120,7 @@ def _print(rows: list[dict[str, Any]], output: str) -> None:
         print(json.dumps(rows, indent=2))
         return
     header = [column if column != "cost_nanousd" else "cost_usd" for column in COLUMNS]
-    lines = [[str(row[column]) if column != "cost_nanousd" else f"{row[column] / NANOS_PER_USD:.6f}" for column in COLUMNS] for row in rows]
+    lines = [[str(row[column]) if column != "cost_nanousd" else f"{row[column] / NANOS_PER_USD:.9f}" for column in COLUMNS] for row in rows]
     if output == "csv":
         writer = csv.writer(sys.stdout)
         writer.writerow(header)
