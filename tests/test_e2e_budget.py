@@ -136,7 +136,7 @@ def test_unknown_key_is_401_and_spoofed_tenant_ignored(budget_stack) -> None:  #
 
 
 def test_mixed_requests_meter_exactly(budget_stack) -> None:  # type: ignore[no-untyped-def]
-    """400 concurrent JSON, streamed (with and without usage) and failing requests: the committed
+    """1,000 concurrent JSON, streamed (with and without usage) and failing requests: the committed
     usage equals what the mock upstream reported or would have billed, and nothing stays reserved."""
     import math
     from concurrent.futures import ThreadPoolExecutor
@@ -179,7 +179,7 @@ def test_mixed_requests_meter_exactly(budget_stack) -> None:  # type: ignore[no-
         return 0, 0
 
     with ThreadPoolExecutor(max_workers=8) as pool:
-        results = list(pool.map(run, range(400)))
+        results = list(pool.map(run, range(1000)))
 
     after = used(policy, "acme")
     policies = load_policy(policy, default_detectors())
@@ -252,3 +252,53 @@ def test_usage_command_rejects_unknown_tenant(budget_stack) -> None:  # type: ig
 
     assert result.returncode == 2
     assert "unknown tenants ['initech']" in result.stderr
+
+
+OUTAGE_POLICY = """
+version: 1
+tenancy:
+  store: {{backend: redis, url: '{url}', timeout_ms: 200, failure_mode: {mode}}}
+  tenants:
+    acme:
+      api_keys: [{{sha256: {acme}}}]
+      budgets: [{{window: day, metric: total_tokens, limit: 100000}}]
+"""
+
+
+@pytest.mark.parametrize("mode", ["open", "closed"])
+def test_redis_restart_during_traffic(tmp_path: Path, mode: str) -> None:
+    """Redis stops and comes back empty: open lets requests through and replays their usage from
+    the spool; closed rejects them with 503 and lets nothing through to the provider."""
+    import time
+
+    with RedisServer() as redis_server:
+        policy = tmp_path / "policy.yaml"
+        policy.write_text(OUTAGE_POLICY.format(url=redis_server.url, mode=mode, acme=sha(ACME_KEY)), encoding="utf-8")
+        with Stack(policy=policy, work_dir=tmp_path) as stack:
+            oai = client(stack, ACME_KEY)
+            oai.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "before"}])
+
+            redis_server.stop()
+            during: list[tuple[int, int]] = []
+            for index in range(5):
+                try:
+                    answer = oai.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": f"during {index}"}])
+                    during.append((answer.usage.prompt_tokens, answer.usage.completion_tokens))
+                except openai.InternalServerError as error:
+                    assert error.status_code == 503
+            redis_server.start()  # no persistence: the counters of "before" are gone
+
+            expected = (sum(item[0] for item in during), sum(item[1] for item in during))
+            deadline = time.monotonic() + 15
+            counted = used(policy, "acme")
+            while time.monotonic() < deadline and (counted["input_tokens"], counted["output_tokens"]) != expected:
+                time.sleep(0.3)
+                counted = used(policy, "acme")
+            after = oai.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "after"}])
+
+    if mode == "open":
+        assert len(during) == 5
+    else:
+        assert during == []
+    assert (counted["input_tokens"], counted["output_tokens"]) == expected
+    assert after.choices[0].message.content

@@ -85,6 +85,9 @@ class Meter:
             self.keeper.note_store_down(error, "reserve")
             if self.keeper.tenancy.store.failure_mode == "closed":
                 return Admission(False, 503, "The budget service is unavailable. Retry later.", "extguard_budget_unavailable")
+            # Admitted unchecked: nothing was reserved, but the usage is still committed (or
+            # spooled until the store is back).
+            self.reserved = True
             return Admission(True)
         self.keeper.note_store_up()
 
