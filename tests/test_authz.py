@@ -240,3 +240,42 @@ def test_no_tenancy_allows_everything(authz_for) -> None:  # type: ignore[no-unt
 
     assert response.status.code == 0
     assert list(response.ok_response.headers) == []
+
+
+def test_soft_limit_calls_webhook_once(authz_for) -> None:  # type: ignore[no-untyped-def]
+    import http.server
+    import threading
+    import time
+
+    events: list[dict] = []
+
+    class Receiver(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's method name
+            events.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    receiver = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    try:
+        webhook = f"\n  soft_limit_webhook: {{url: 'http://127.0.0.1:{receiver.server_port}/budget'}}"
+        client = authz_for(policy().replace("  time_zone: Europe/Berlin", "  time_zone: Europe/Berlin" + webhook))
+        client.spend("acme", 850)
+        for _ in range(3):
+            client.check({"authorization": f"Bearer {ACME_KEY}"})
+        deadline = time.monotonic() + 5
+        while not events and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # a second event, if any, would arrive by now
+    finally:
+        receiver.shutdown()
+
+    assert len(events) == 1
+    assert events[0] == {
+        "event": "budget_soft_limit", "tenant": "acme", "scope": "tenant",
+        "period": events[0]["period"], "metric": "total_tokens", "percent": 85,
+    }  # fmt: skip
+    assert events[0]["period"].startswith("day:")

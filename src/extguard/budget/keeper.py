@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import logging
+import urllib.request
 from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -22,6 +24,22 @@ log = logging.getLogger("extguard.budget")
 T = TypeVar("T")
 # Seconds between attempts to replay spooled commits while the store is down.
 SPOOL_RETRY_S = 1.0
+
+
+def _post_json(url: str, event: dict[str, object], timeout_s: float) -> None:
+    """POST `event` as JSON to `url`; log a failure once per call without the event's content."""
+    request = urllib.request.Request(
+        url, data=json.dumps(event).encode(), headers={"content-type": "application/json"}, method="POST"
+    )
+    try:
+        with _WEBHOOK_OPENER.open(request, timeout=timeout_s) as response:
+            response.read()
+    except (OSError, ValueError) as error:
+        log.error("soft-limit webhook %s failed: %s", url, type(error).__name__)
+
+
+# The webhook goes straight to its URL, never through a proxy from the environment.
+_WEBHOOK_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +92,8 @@ class BudgetKeeper:
         self.spool: collections.deque[_SpooledCommit] = collections.deque()
         self.spool_dropped = 0
         self._replay_task: asyncio.Task[None] | None = None
+        self._announced: set[tuple[str, str, str, str]] = set()  # soft limits already reported
+        self._webhook_tasks: set[asyncio.Task[None]] = set()
 
     @classmethod
     def from_settings(cls, tenancy: Tenancy, pricing: dict[str, Price], metrics: Metrics | None = None) -> BudgetKeeper:
@@ -115,6 +135,7 @@ class BudgetKeeper:
                 if budget.soft is not None and spent >= budget.soft * limit:
                     percent = int(spent * 100 / limit)
                     warnings.append(f"{item.counter.scope} {item.period.window.value} {budget.metric.value} {percent}%")
+                    self._announce_soft_limit(tenant, item.counter.scope, item.period.id, budget.metric.value, percent)
         return PreCheck(warnings=warnings)
 
     async def call(self, operation: Awaitable[T]) -> T:
@@ -165,6 +186,22 @@ class BudgetKeeper:
         if self.spool:
             log.error("%d budget commits could not be written before shutdown", len(self.spool))
         await self.store.close()
+
+    def _announce_soft_limit(self, tenant: str, scope: str, period: str, metric: str, percent: int) -> None:
+        """Log an audit line and call the webhook once per tenant, scope, period and metric in this process."""
+        key = (tenant, scope, period, metric)
+        if key in self._announced:
+            return
+        self._announced.add(key)
+        self.metrics.budget_decisions.labels("authz", "soft_limit_reached", tenant).inc()
+        log.warning("audit budget_soft_limit tenant=%s scope=%s period=%s metric=%s percent=%d", tenant, scope, period, metric, percent)
+        webhook = self.tenancy.soft_limit_webhook
+        if webhook is None:
+            return
+        event = {"event": "budget_soft_limit", "tenant": tenant, "scope": scope, "period": period, "metric": metric, "percent": percent}
+        task = asyncio.get_running_loop().create_task(asyncio.to_thread(_post_json, webhook.url, event, webhook.timeout_ms / 1000))
+        self._webhook_tasks.add(task)
+        task.add_done_callback(self._webhook_tasks.discard)
 
     def note_store_down(self, error: BaseException, operation: str) -> None:
         """Count a failed store call; log only the first failure of an outage."""

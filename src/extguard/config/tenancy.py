@@ -119,8 +119,15 @@ class StoreSettings(_Strict):
     spool_max: int = Field(10_000, ge=0)
 
 
+class Webhook(_Strict):
+    url: str = Field(pattern=r"^https?://")  # called with POST and a JSON event
+    timeout_ms: float = Field(1000.0, gt=0)
+
+
 class Tenancy(_Strict):
     time_zone: str = "UTC"
+    # Called once per tenant, scope, window period and metric when a soft limit is first reached.
+    soft_limit_webhook: Webhook | None = None
     identity: Identity = Field(default_factory=Identity)
     store: StoreSettings = Field(default_factory=StoreSettings)
     reservation_ttl_s: int = Field(900, gt=0)  # an unsettled reservation stops counting after this
