@@ -5,8 +5,8 @@ The tables of positives, negatives and near misses in `tests/test_scan_pii.py`,
 
 - `pii.jsonl`: each positive with its expected values as spans, annotated for its one type
   (`labelled_types`); each negative as a look-alike of its type.
-- `secrets.jsonl`: each found secret as a span, annotated for its type; each near miss with no
-  span, annotated for every secrets type, so any secrets finding on it is a false positive.
+- `secrets.jsonl`: each found secret as a span, annotated for its type. Each near miss has no
+  span and is annotated for every secrets type, so any secrets finding on it is a false positive.
 - `injection.jsonl`: obfuscated, encoded and multilingual attacks and adversarial suffixes as
   injections; benign text, near misses, benign encodings, code and math as benign.
 

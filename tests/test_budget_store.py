@@ -239,13 +239,13 @@ async def test_spool_is_bounded() -> None:
     keeper = BudgetKeeper.from_settings(tenancy, {})
     for index in range(5):
         await keeper.commit_or_spool(f"r{index}", [day()], {"total_tokens": 1}, tenant="acme")
-    kept = [record.reservation_id for record in keeper.spool]
+    spooled_ids = [record.reservation_id for record in keeper.spool]
     dropped = keeper.metrics.registry.get_sample_value("extguard_budget_spool_dropped_total")
     keeper.spool.clear()
     await keeper.close()
     server.close()
 
-    assert kept == ["r2", "r3", "r4"]
+    assert spooled_ids == ["r2", "r3", "r4"]
     assert dropped == 2.0
 
 

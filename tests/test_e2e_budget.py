@@ -267,8 +267,8 @@ tenancy:
 
 @pytest.mark.parametrize("mode", ["open", "closed"])
 def test_redis_restart_during_traffic(tmp_path: Path, mode: str) -> None:
-    """Redis stops and comes back empty: open lets requests through and replays their usage from
-    the spool; closed rejects them with 503 and lets nothing through to the provider."""
+    """Redis stops and comes back empty. Open mode lets requests through and replays their usage
+    from the spool. Closed mode rejects them with 503, so nothing reaches the provider."""
     import time
 
     with RedisServer() as redis_server:

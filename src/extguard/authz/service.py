@@ -3,9 +3,10 @@
 Envoy calls Check with the request's headers (and, when the filter sets `with_request_body`, the
 start of its body) before anything goes upstream. The response is one of:
 
-- 401 when no configured tenant can be identified, 403 when the tenant may not call the model,
-  429 with `retry-after` when a hard limit of one of its windows is reached, 503 when the budget
-  store cannot be reached and its failure mode is `closed`; each in the provider's error format;
+- a rejection in the provider's error format: 401 when no configured tenant can be identified,
+  403 when the tenant may not call the model, 429 with `retry-after` when a hard limit of one of
+  its windows is reached, or 503 when the budget store cannot be reached and its failure mode is
+  `closed`;
 - OK, with `x-extguard-tenant` and `x-extguard-user` set for the upstream and the ext_proc stage
   (client-sent copies are removed, so nobody can claim another tenant), the same in dynamic
   metadata under `extguard`, and `x-extguard-budget-warning` for the client at a soft limit.
@@ -15,7 +16,6 @@ Without a `tenancy` section in the policy, every request is OK and nothing is ad
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import logging
 from typing import Any
@@ -75,7 +75,7 @@ class Authorization(auth_grpc.AuthorizationServicer):
 
         model = headers.get(MODEL_HEADER) or _model_from_body(http)
         tenant = self._tenancy.tenants[caller.tenant]
-        if model is not None and tenant.models is not None and not any(fnmatch.fnmatchcase(model, p) for p in tenant.models):
+        if not tenant.allows_model(model):
             log.info("request %s rejected: tenant %s may not call model %s", headers.get("x-request-id", "-"), caller.tenant, model)
             self._metrics.budget_decisions.labels("authz", "model_not_allowed", caller.tenant).inc()
             return _denied(api, 403, f"Tenant {caller.tenant!r} may not call model {model!r}.", ERROR_CODE_FORBIDDEN)

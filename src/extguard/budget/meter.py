@@ -10,7 +10,6 @@ providers do not bill those.
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import uuid
 from dataclasses import dataclass
@@ -54,10 +53,7 @@ class Meter:
         self.upstream_failed = False
 
     def model_allowed(self, model: str | None) -> bool:
-        patterns = self.keeper.tenancy.tenants[self.tenant].models
-        if patterns is None or model is None:
-            return True
-        return any(fnmatch.fnmatchcase(model, pattern) for pattern in patterns)
+        return self.keeper.tenancy.tenants[self.tenant].allows_model(model)
 
     async def reserve(self, model: str | None, payload: dict[str, Any], text_chars: int) -> Admission:
         """Reserve the estimate of this request against every window of the tenant and user."""

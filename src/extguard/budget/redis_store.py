@@ -42,7 +42,25 @@ SWEEP_LIMIT = 64
 #       then per counter: ttl_s followed by M limits (-1 for none).
 # Returns {1, used and reserved per counter and metric...} when admitted, or
 #         {0, counter index (1-based), metric index (1-based), used, reserved} when rejected.
-RESERVE_SCRIPT = """
+# Lua shared by both scripts: drop reservation `rid` from counter hash `c` and its set `z`,
+# subtracting its stored amounts from the reserved totals.
+_RELEASE_LUA = """
+local function release(c, z, rid)
+  local stored = redis.call('HGET', c, 'r:' .. rid)
+  if stored then
+    for pair in string.gmatch(stored, '[^,]+') do
+      local name, amount = string.match(pair, '([^=]+)=(%d+)')
+      if amount ~= '0' then
+        redis.call('HINCRBY', c, 'rsv:' .. name, '-' .. amount)
+      end
+    end
+    redis.call('HDEL', c, 'r:' .. rid)
+  end
+  redis.call('ZREM', z, rid)
+end
+"""
+
+RESERVE_SCRIPT = _RELEASE_LUA + """
 local now_ms = tonumber(ARGV[1])
 local id = ARGV[2]
 local expires_at = tonumber(ARGV[3])
@@ -59,17 +77,7 @@ local base = 4 + 2 * m
 local function sweep(c, z)
   local expired = redis.call('ZRANGEBYSCORE', z, '-inf', now_ms, 'LIMIT', 0, %(sweep)d)
   for _, old in ipairs(expired) do
-    local stored = redis.call('HGET', c, 'r:' .. old)
-    if stored then
-      for pair in string.gmatch(stored, '[^,]+') do
-        local name, amount = string.match(pair, '([^=]+)=(%%d+)')
-        if amount ~= '0' then
-          redis.call('HINCRBY', c, 'rsv:' .. name, '-' .. amount)
-        end
-      end
-      redis.call('HDEL', c, 'r:' .. old)
-    end
-    redis.call('ZREM', z, old)
+    release(c, z, old)
   end
 end
 
@@ -121,7 +129,7 @@ return result
 # ARGV: reservation id, marker ttl_s, metric count M, M metric names, M actual amounts,
 #       then ttl_s per counter, then: ledger flag ("1" or "0"), model, cached input tokens, ledger ttl_s.
 # Returns 1, or 0 when the marker shows the reservation was committed before.
-COMMIT_SCRIPT = """
+COMMIT_SCRIPT = _RELEASE_LUA + """
 local id = ARGV[1]
 local m = tonumber(ARGV[3])
 local marker = KEYS[#KEYS]
@@ -131,17 +139,7 @@ end
 local counters = (#KEYS - 2) / 2
 for k = 1, counters do
   local c, z = KEYS[2 * k - 1], KEYS[2 * k]
-  local stored = redis.call('HGET', c, 'r:' .. id)
-  if stored then
-    for pair in string.gmatch(stored, '[^,]+') do
-      local name, amount = string.match(pair, '([^=]+)=(%d+)')
-      if amount ~= '0' then
-        redis.call('HINCRBY', c, 'rsv:' .. name, '-' .. amount)
-      end
-    end
-    redis.call('HDEL', c, 'r:' .. id)
-  end
-  redis.call('ZREM', z, id)
+  release(c, z, id)
   for i = 1, m do
     redis.call('HINCRBY', c, 'used:' .. ARGV[3 + i], ARGV[3 + m + i])
   end

@@ -1,7 +1,7 @@
 """`extguard usage`: the usage ledger per tenant, day and model, as a table, CSV or JSON.
 
-It reads the Redis store that the policy's `tenancy.store` names, or, with `--server`, asks a
-running extguard's budget admin API, which also serves an in-memory store.
+It reads the Redis store that the policy's `tenancy.store` names. With `--server` it calls a
+running extguard's budget admin API instead, which also serves an in-memory store.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ for every model the tenant calls; a model without one costs 0 and is logged once
 from __future__ import annotations
 
 import enum
+import fnmatch
 import re
 from typing import Literal
 
@@ -79,6 +80,12 @@ class Tenant(_Strict):
     models: list[str] | None = Field(None, min_length=1)  # shell-style patterns; None: any model
     budgets: list[Budget] = Field(default_factory=list)
     user_budgets: list[Budget] = Field(default_factory=list)  # per user or key, inside the tenant's
+
+    def allows_model(self, model: str | None) -> bool:
+        """Return whether the tenant may call `model`; an unknown model (None) is allowed here."""
+        if self.models is None or model is None:
+            return True
+        return any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
 
 
 class Identity(_Strict):

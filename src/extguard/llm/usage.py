@@ -4,7 +4,7 @@
   `usage.prompt_tokens_details.cached_tokens`; in a stream, the last chunk carries `usage` when
   the request set `stream_options.include_usage`.
 - Anthropic Messages: `usage.input_tokens` (plus `cache_read_input_tokens` and
-  `cache_creation_input_tokens`, which are input too) and `usage.output_tokens`; in a stream,
+  `cache_creation_input_tokens`, which are input too) and `usage.output_tokens`. In a stream,
   `message_start` carries the input and `message_delta` the output so far.
 
 Where a provider reports nothing (a cancelled stream, a proxy that strips usage), the caller
@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from extguard.llm.apis import Api, ApiKind
 from extguard.llm.sse import SseEvent
 
+_USAGE_OBJECT = re.compile(r'"usage"\s*:\s*\{')
 # About 4 chars per token for English text with common BPE tokenizers; an estimate only.
 ESTIMATE_CHARS_PER_TOKEN = 4
 
@@ -69,7 +71,8 @@ def usage_from_event(api: Api, event: SseEvent, reported: ReportedUsage) -> None
     if api.kind is ApiKind.ANTHROPIC_MESSAGES:
         if event.event not in ("message_start", "message_delta"):
             return
-    elif '"usage"' not in event.data:
+    elif '"usage"' not in event.data or not _USAGE_OBJECT.search(event.data):
+        # With include_usage every chunk carries "usage": null; only the last one needs parsing.
         return
     try:
         document = json.loads(event.data)

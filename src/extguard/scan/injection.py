@@ -1505,7 +1505,7 @@ _NARROWED_REQUEST = re.compile(
     r"students|readers|clients|members|contractors|visitors|volunteers))\b",
     re.IGNORECASE,
 )
-# Special tokens and role tags that a developer asks about ("What does <|im_start|> mean?").
+# Special tokens and role tags, discounted in a developer's question ("What does <|im_start|> mean?").
 _TOKEN_RULES = frozenset({"chat_template_token", "role_tag"})
 # Lower than for quoted phrases, because a question about templates often names several tokens.
 _DISCUSSED_TOKEN_FACTOR = 0.35

@@ -982,7 +982,7 @@ _DATABASE_SCHEME_MAX_CHARS = len("postgresql+") + 16
 _SAS_SIGNATURE_TAIL = re.compile(r"[A-Za-z0-9%+/]{1,200}={0,2}\Z")
 _SAS_SIGNATURE_KEY = "sig="
 # The scheme lies before the run of credential chars, inside the rescan context, so only the
-# credential is held. The search starts at the run, and the lookbehind sees the scheme.
+# credential is held. The search starts at the run, and the lookbehind checks the scheme before it.
 _AUTHORIZATION_TAIL = re.compile(
     r"(?:(?<=[Bb][Ee][Aa][Rr][Ee][Rr][ \t])|(?<=[Bb][Aa][Ss][Ii][Cc][ \t]))([A-Za-z0-9\-._~+/]{1,512}=*)\Z"
 )
