@@ -222,10 +222,38 @@ async def test_commit_spooled_while_redis_down_then_replayed() -> None:
         await keeper.close()
         server.close()
 
-    assert (spooled, spool_gauge, errors) == (2, 2.0, 1.0)
+    assert (spooled, spool_gauge, errors) == (2, 2.0, 2.0)
     assert replayed == 2
     assert state.used["total_tokens"] == 35
     assert keeper.spool == collections.deque()
+
+
+async def test_commit_outlives_cancelled_caller() -> None:
+    """Envoy may close the ext_proc stream while a commit waits for a slow store; the usage still lands."""
+    from extguard.budget.keeper import BudgetKeeper
+    from extguard.config.tenancy import Tenancy
+
+    class SlowStore(MemoryBudgetStore):
+        def __init__(self) -> None:
+            super().__init__()
+            self.release = asyncio.Event()
+
+        async def commit(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            await self.release.wait()
+            return await super().commit(*args, **kwargs)
+
+    store = SlowStore()
+    keeper = BudgetKeeper(Tenancy.model_validate({"tenants": {"acme": {}}, "store": {"timeout_ms": 5000}}), {}, store)
+    caller = asyncio.create_task(keeper.commit_or_spool("r1", [day()], {"total_tokens": 30}, tenant="acme"))
+    await asyncio.sleep(0.01)
+    caller.cancel()
+    store.release.set()
+    await asyncio.sleep(0.01)
+    (state,) = await store.status([day()], now_ms=NOW)
+    await keeper.close()
+
+    assert caller.cancelled()
+    assert state.used["total_tokens"] == 30
 
 
 async def test_spool_is_bounded() -> None:

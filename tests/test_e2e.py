@@ -277,12 +277,7 @@ def test_llm_path_with_other_content_type_passes(oai, upstream) -> None:  # type
 
 def scrape(stack: Stack, name: str, **labels: str) -> float:
     """Return one sample of extguard's /metrics, or 0 when it is absent."""
-    wanted = ",".join(f'{key}="{value}"' for key, value in sorted(labels.items()))
-    with _DIRECT.open(stack.metrics_url, timeout=5) as response:
-        for line in response.read().decode().splitlines():
-            if line.startswith(f"{name}{{{wanted}}} ") or (not labels and line.startswith(f"{name} ")):
-                return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    return stack.metric(name, **labels)
 
 
 def test_sse_reaches_extguard_in_chunks_json_in_one(oai, stack, upstream) -> None:  # type: ignore[no-untyped-def]

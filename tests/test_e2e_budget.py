@@ -135,91 +135,149 @@ def test_unknown_key_is_401_and_spoofed_tenant_ignored(budget_stack) -> None:  #
     assert used(policy, "globex") == globex_before
 
 
-def test_mixed_requests_meter_exactly(budget_stack) -> None:  # type: ignore[no-untyped-def]
-    """1,000 concurrent JSON, streamed (with and without usage) and failing requests: the committed
-    usage equals what the mock upstream reported or would have billed, and nothing stays reserved."""
-    import math
-    from concurrent.futures import ThreadPoolExecutor
+def billed(stack: Stack) -> dict[str, int]:
+    """Return what the mock upstream has billed, once no stream of it is still open."""
+    import json
+    import time
+    import urllib.request
 
-    stack, policy = budget_stack
-    before = used(policy, "acme")
-    oai = client(stack, ACME_KEY)
+    deadline = time.monotonic() + 10
+    while True:
+        with urllib.request.urlopen(f"{stack.upstream_url}/mock/usage", timeout=5) as response:
+            usage = json.load(response)
+        if not usage["streams_open"] or time.monotonic() > deadline:
+            return usage
+        time.sleep(0.05)
 
-    def run(index: int) -> tuple[int, int]:
-        prompt = f"Request number {index}: tell me something about the number {index * 7}."
-        reply = "word " * (index % 23 + 1)
-        kind = index % 4
-        if kind == 0:
-            answer = oai.chat.completions.create(
-                model="gpt-4o-mini", max_tokens=100, messages=[{"role": "user", "content": prompt}],
-                extra_body={"mock": {"reply": reply}},
-            )  # fmt: skip
-            return answer.usage.prompt_tokens, answer.usage.completion_tokens
-        if kind == 1:
-            stream = oai.chat.completions.create(
-                model="gpt-4o-mini", max_tokens=100, messages=[{"role": "user", "content": prompt}], stream=True,
-                stream_options={"include_usage": True}, extra_body={"mock": {"reply": reply, "chunk_chars": 3}},
-            )  # fmt: skip
-            usage = [chunk.usage for chunk in stream if chunk.usage is not None][-1]
-            return usage.prompt_tokens, usage.completion_tokens
-        if kind == 2:
-            # No usage in the stream: extguard estimates ceil(chars / 4), as the mock counts.
-            stream = oai.chat.completions.create(
-                model="gpt-4o-mini", max_tokens=100, messages=[{"role": "user", "content": prompt}], stream=True,
-                extra_body={"mock": {"reply": reply, "chunk_chars": 5}},
-            )  # fmt: skip
-            text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
-            return math.ceil(len(prompt) / 4), math.ceil(len(text) / 4)
-        # An upstream error: providers do not bill it, so nothing is committed.
-        with pytest.raises(openai.InternalServerError):
-            oai.chat.completions.create(
-                model="gpt-4o-mini", max_tokens=100, messages=[{"role": "user", "content": prompt}],
-                extra_body={"mock": {"status": 500, "error_message": "upstream failed"}},
-            )  # fmt: skip
-        return 0, 0
 
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        results = list(pool.map(run, range(1000)))
+def settled(policy: Path, tenant: str) -> dict[str, int]:
+    """Return the tenant's used amounts once nothing is reserved any more (cancelled streams
+    settle in the background), or after 10 s."""
+    import time
 
-    after = used(policy, "acme")
     policies = load_policy(policy, default_detectors())
     keeper = BudgetKeeper.from_settings(policies.tenancy, policies.pricing)  # type: ignore[arg-type]
 
-    async def reserved() -> int:
-        counters = [item.counter for item in keeper.counters("acme", None)]
+    async def read() -> tuple[dict[str, int], int]:
+        counters = [item.counter for item in keeper.counters(tenant, None)]
         (state,) = await keeper.store.status(counters, now_ms=0)
-        await keeper.store.close()
-        return state.reserved["total_tokens"]
+        return dict(state.used), state.reserved["total_tokens"]
 
-    assert after["input_tokens"] - before["input_tokens"] == sum(result[0] for result in results)
-    assert after["output_tokens"] - before["output_tokens"] == sum(result[1] for result in results)
-    assert asyncio.run(reserved()) == 0
+    async def poll() -> dict[str, int]:
+        deadline = time.monotonic() + 10
+        try:
+            while True:
+                amounts, reserved = await read()
+                if not reserved or time.monotonic() > deadline:
+                    assert reserved == 0, f"{reserved} tokens still reserved"
+                    return amounts
+                await asyncio.sleep(0.05)
+        finally:
+            await keeper.store.close()
+
+    return asyncio.run(poll())
+
+
+def read_then_leave(stream: openai.Stream, chars: int) -> str:  # type: ignore[type-arg]
+    """Read a held stream until more than `chars` of text arrived, then close it as a client
+    that gives up would."""
+    text = ""
+    for chunk in stream:
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+        if len(text) > chars:
+            break
+    stream.close()
+    return text
+
+
+def test_mixed_requests_meter_exactly(budget_stack) -> None:  # type: ignore[no-untyped-def]
+    """1,000 concurrent requests of six kinds: OpenAI JSON, streamed with and without usage,
+    streams the client leaves midway, upstream errors, and Anthropic streams. The usage extguard
+    committed equals what the mock upstream billed, token for token, and nothing stays reserved."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    stack, policy = budget_stack
+    before, billed_before = used(policy, "acme"), billed(stack)
+    oai = client(stack, ACME_KEY)
+    claude = anthropic.Anthropic(base_url=stack.base_url, api_key=ACME_KEY, max_retries=0, timeout=20)
+
+    def run(index: int) -> None:
+        prompt = f"Request number {index}: tell me something about the number {index * 7}."
+        reply = "word " * (index % 23 + 1)
+        messages = [{"role": "user", "content": prompt}]
+        kind = index % 6
+        if kind == 0:
+            answer = oai.chat.completions.create(
+                model="gpt-4o-mini", max_tokens=100, messages=messages, extra_body={"mock": {"reply": reply}},  # type: ignore[arg-type]
+            )  # fmt: skip
+            assert answer.usage is not None
+        elif kind == 1:
+            stream = oai.chat.completions.create(
+                model="gpt-4o-mini", max_tokens=100, messages=messages, stream=True,  # type: ignore[arg-type]
+                stream_options={"include_usage": True}, extra_body={"mock": {"reply": reply, "chunk_chars": 3}},
+            )  # fmt: skip
+            assert [chunk.usage for chunk in stream if chunk.usage is not None]
+        elif kind == 2:
+            # No usage in the stream: extguard estimates from the text, as the mock bills.
+            stream = oai.chat.completions.create(
+                model="gpt-4o-mini", max_tokens=100, messages=messages, stream=True,  # type: ignore[arg-type]
+                extra_body={"mock": {"reply": reply, "chunk_chars": 5}},
+            )  # fmt: skip
+            assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices) == reply
+        elif kind == 3:
+            # The client leaves midway: the mock sends two pieces of a long reply and waits; the
+            # client reads into the second piece and closes. Usage was asked for but never sent.
+            first, second = "word " * (index % 7 + 1), "more text " * 20
+            script = {"reply": first + second + "never sent " * 50, "split_at": [len(first), len(first + second)], "hold_after_events": 3}
+            stream = oai.chat.completions.create(
+                model="gpt-4o-mini", max_tokens=500, messages=messages, stream=True,  # type: ignore[arg-type]
+                stream_options={"include_usage": True}, extra_body={"mock": script},
+            )  # fmt: skip
+            assert len(read_then_leave(stream, len(first))) > len(first)
+        elif kind == 4:
+            # An upstream error: providers do not bill it, so nothing is committed.
+            with pytest.raises(openai.InternalServerError):
+                oai.chat.completions.create(
+                    model="gpt-4o-mini", max_tokens=100, messages=messages,  # type: ignore[arg-type]
+                    extra_body={"mock": {"status": 500, "error_message": "upstream failed"}},
+                )  # fmt: skip
+        else:
+            with claude.messages.stream(
+                model="claude-3-5-haiku-latest", max_tokens=100, messages=messages,  # type: ignore[arg-type]
+                extra_body={"mock": {"reply": reply, "chunk_chars": 4}},
+            ) as stream:  # fmt: skip
+                assert stream.get_final_message().usage.output_tokens > 0
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(run, range(1000)))
+
+    after, billed_after = settled(policy, "acme"), billed(stack)
+
+    assert billed_after["streams_open"] == 0
+    assert billed_after["requests"] - billed_before["requests"] == sum(1 for index in range(1000) if index % 6 != 4)  # all but the errors
+    assert after["input_tokens"] - before["input_tokens"] == billed_after["input_tokens"] - billed_before["input_tokens"]
+    assert after["output_tokens"] - before["output_tokens"] == billed_after["output_tokens"] - billed_before["output_tokens"]
 
 
 def test_cancelled_stream_commits_what_was_sent(budget_stack) -> None:  # type: ignore[no-untyped-def]
-    import math
-    import time
-
     stack, policy = budget_stack
-    before = used(policy, "acme")
-    prompt = "Tell me a long story about a lighthouse keeper."
+    before, billed_before = used(policy, "acme"), billed(stack)
+    first, second = "Once upon a time ", "a lighthouse keeper " * 10
+    script = {"reply": first + second + "story " * 200, "split_at": [len(first), len(first + second)], "hold_after_events": 3}
     stream = client(stack, ACME_KEY).chat.completions.create(
-        model="gpt-4o-mini", max_tokens=500, messages=[{"role": "user", "content": prompt}], stream=True,
-        extra_body={"mock": {"reply": "story " * 200, "chunk_chars": 6, "chunk_delay_ms": 100}},
+        model="gpt-4o-mini", max_tokens=500, messages=[{"role": "user", "content": "Tell me a long story."}], stream=True,
+        extra_body={"mock": script},
     )  # fmt: skip
-    first = next(chunk for chunk in stream if chunk.choices and chunk.choices[0].delta.content)
-    stream.close()  # the client goes away after the first chunk of text
+    read_then_leave(stream, len(first))  # the client goes away in the second piece of text
 
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and used(policy, "acme")["input_tokens"] == before["input_tokens"]:
-        time.sleep(0.2)
-    after = used(policy, "acme")
+    after, billed_after = settled(policy, "acme"), billed(stack)
 
-    assert first.choices
-    assert after["input_tokens"] - before["input_tokens"] == math.ceil(len(prompt) / 4)
-    # Output is estimated from the text that passed before the reset: at least one chunk, far
-    # less than the 300 tokens of the whole reply.
-    assert 1 <= after["output_tokens"] - before["output_tokens"] < 300
+    spent = {name: after[name] - before[name] for name in ("input_tokens", "output_tokens")}
+    billed_now = {name: billed_after[name] - billed_before[name] for name in ("input_tokens", "output_tokens")}
+    # Billed: the prompt, and the two pieces sent, far less than the 300 tokens of the whole reply.
+    assert billed_now == {"input_tokens": 6, "output_tokens": (len(first + second) + 3) // 4}
+    assert spent == billed_now
 
 
 def test_usage_command_matches_counters(budget_stack) -> None:  # type: ignore[no-untyped-def]
@@ -266,39 +324,61 @@ tenancy:
 
 
 @pytest.mark.parametrize("mode", ["open", "closed"])
-def test_redis_restart_during_traffic(tmp_path: Path, mode: str) -> None:
-    """Redis stops and comes back empty. Open mode lets requests through and replays their usage
-    from the spool. Closed mode rejects them with 503, so nothing reaches the provider."""
+def test_redis_killed_during_traffic(tmp_path: Path, mode: str) -> None:
+    """Redis is killed with SIGKILL under concurrent traffic and restarted from its append-only
+    file. Requests in flight at the kill commit through the spool; in open mode requests admitted
+    while Redis is down are counted too, in closed mode they get 503 and never reach the provider.
+    Either way the counters end equal to what the mock upstream billed: no usage is lost."""
+    import threading
     import time
+    from concurrent.futures import ThreadPoolExecutor
 
-    with RedisServer() as redis_server:
+    with RedisServer(durable=True) as redis_server:
         policy = tmp_path / "policy.yaml"
         policy.write_text(OUTAGE_POLICY.format(url=redis_server.url, mode=mode, acme=sha(ACME_KEY)), encoding="utf-8")
         with Stack(policy=policy, work_dir=tmp_path) as stack:
             oai = client(stack, ACME_KEY)
-            oai.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "before"}])
+            stop = threading.Event()
+            outcomes: list[str] = []
 
-            redis_server.stop()
-            during: list[tuple[int, int]] = []
-            for index in range(5):
-                try:
-                    answer = oai.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": f"during {index}"}])
-                    during.append((answer.usage.prompt_tokens, answer.usage.completion_tokens))
-                except openai.InternalServerError as error:
-                    assert error.status_code == 503
-            redis_server.start()  # no persistence: the counters of "before" are gone
+            def traffic(worker: int) -> None:
+                index = 0
+                while not stop.is_set():
+                    index += 1
+                    messages = [{"role": "user", "content": f"worker {worker} request {index}"}]
+                    try:
+                        if index % 2:
+                            oai.chat.completions.create(model="gpt-4o-mini", messages=messages)  # type: ignore[arg-type]
+                        else:
+                            stream = oai.chat.completions.create(
+                                model="gpt-4o-mini", messages=messages, stream=True, stream_options={"include_usage": True},  # type: ignore[arg-type]
+                                extra_body={"mock": {"reply": "a streamed reply " * 3, "chunk_chars": 5, "chunk_delay_ms": 20}},
+                            )  # fmt: skip
+                            list(stream)
+                        outcomes.append("ok")
+                    except openai.InternalServerError as error:
+                        outcomes.append(str(error.status_code))
 
-            expected = (sum(item[0] for item in during), sum(item[1] for item in during))
+            with ThreadPoolExecutor(max_workers=4) as pool:
+                workers = [pool.submit(traffic, worker) for worker in range(4)]
+                time.sleep(1.0)
+                redis_server.kill()
+                time.sleep(1.5)
+                redis_server.start()
+                time.sleep(1.0)
+                stop.set()
+                for worker in workers:
+                    worker.result()
+
+            expected = billed(stack)
             deadline = time.monotonic() + 15
             counted = used(policy, "acme")
-            while time.monotonic() < deadline and (counted["input_tokens"], counted["output_tokens"]) != expected:
+            while time.monotonic() < deadline and counted["total_tokens"] != expected["input_tokens"] + expected["output_tokens"]:
                 time.sleep(0.3)
                 counted = used(policy, "acme")
-            after = oai.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "after"}])
+            spool_replayed = stack.metric("extguard_budget_spool_replayed_total")
 
-    if mode == "open":
-        assert len(during) == 5
-    else:
-        assert during == []
-    assert (counted["input_tokens"], counted["output_tokens"]) == expected
-    assert after.choices[0].message.content
+    assert set(outcomes) == ({"ok"} if mode == "open" else {"ok", "503"})
+    assert outcomes.count("ok") == expected["requests"]
+    assert (counted["input_tokens"], counted["output_tokens"]) == (expected["input_tokens"], expected["output_tokens"])
+    assert spool_replayed > 0

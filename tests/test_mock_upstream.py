@@ -706,6 +706,54 @@ def test_recording_keeps_newest(harness: Harness) -> None:
     assert [record["body"] for record in records] == ["two", "three"]
 
 
+def billed(harness: Harness) -> dict[str, int]:
+    return harness.request("GET", "/mock/usage").json()
+
+
+def wait_for_streams_to_end(harness: Harness) -> dict[str, int]:
+    deadline = time.monotonic() + 5
+    while (usage := billed(harness))["streams_open"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return usage
+
+
+def test_billing_counts_replies_not_errors(harness: Harness) -> None:
+    assert harness.request("DELETE", "/mock/usage").status == 204
+    harness.request("POST", CHAT_PATH, json_body=chat_body("12345678", mock={"reply": "abcde"}))
+    harness.request("POST", MESSAGES_PATH, json_body=messages_body("1234", mock={"reply": "ab"}))
+    harness.request("POST", CHAT_PATH, json_body=chat_body("1234", mock={"status": 500}))
+    harness.request("POST", CHAT_PATH, json_body=chat_body("123", stream=True, mock={"reply": "abcdefghi"}))
+
+    usage = wait_for_streams_to_end(harness)
+
+    assert usage == {"requests": 3, "input_tokens": 2 + 1 + 1, "output_tokens": 2 + 1 + 3, "streams_open": 0}
+
+
+@pytest.mark.parametrize("path, body", [(CHAT_PATH, chat_body), (MESSAGES_PATH, messages_body)])
+def test_held_stream_bills_what_was_sent(harness: Harness, path: str, body: Any) -> None:
+    """A client that leaves a held stream is billed for the events it was sent, no more."""
+    harness.request("DELETE", "/mock/usage")
+    # Events: OpenAI role, "abcd", "efgh", ...; Anthropic message_start, block start, ping, "abcd", ...
+    hold = 3 if path == CHAT_PATH else 5
+    script = {"reply": "abcdefgh" * 10, "chunk_chars": 4, "hold_after_events": hold}
+
+    async def read_then_leave() -> bytes:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(harness.mock.base_url + path, json=body("12345678", stream=True, mock=script)) as response:
+                received = b""
+                while received.count(b"\n\n") < hold:
+                    received += await response.content.readany()
+                await asyncio.sleep(0.1)  # nothing more comes while the stream is held
+                received += response.content.read_nowait()
+                return received
+
+    received = harness.run(read_then_leave())
+    usage = wait_for_streams_to_end(harness)
+
+    assert received.count(b"\n\n") == hold
+    assert usage == {"requests": 1, "input_tokens": 2, "output_tokens": 2, "streams_open": 0}
+
+
 def test_models_list(harness: Harness) -> None:
     models = harness.request("GET", "/v1/models").json()
 

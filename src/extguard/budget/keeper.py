@@ -92,6 +92,8 @@ class BudgetKeeper:
         self.spool: collections.deque[_SpooledCommit] = collections.deque()
         self.spool_dropped = 0
         self._replay_task: asyncio.Task[None] | None = None
+        self._commits: set[asyncio.Task[None]] = set()  # commits in progress
+        self._closing = False
         self._announced: set[tuple[str, str, str, str]] = set()  # soft limits already reported
         self._webhook_tasks: set[asyncio.Task[None]] = set()
 
@@ -151,19 +153,30 @@ class BudgetKeeper:
         tenant: str,
         ledger: LedgerEntry | None = None,
     ) -> None:
-        """Commit usage now, or keep it in the spool for replay when the store fails."""
+        """Commit usage now, or keep it in the spool for replay when the store fails.
+
+        The commit runs in a task of its own: when the caller is cancelled meanwhile (Envoy closed
+        the stream while Redis was slow), the commit still finishes or goes to the spool.
+        """
         record = _SpooledCommit(reservation_id, list(counters), dict(amounts), tenant, ledger)
-        if not self.spool:
-            try:
-                await self.call(record.send(self.store))
-                self.note_store_up()
-                return
-            except Exception as error:  # noqa: BLE001 - any store failure: keep the usage
-                self.note_store_down(error, "commit")
-        self._spool(record)
+        task = asyncio.get_running_loop().create_task(self._commit_or_spool(record))
+        self._commits.add(task)
+        task.add_done_callback(self._commits.discard)
+        await asyncio.shield(task)
+
+    async def _commit_or_spool(self, record: _SpooledCommit) -> None:
+        # Commits add up in any order and a repeated one counts once, so a new commit does not
+        # wait behind the spool: its reservation would hold budget until the replay reached it.
+        try:
+            await self.call(record.send(self.store))
+        except Exception as error:  # noqa: BLE001 - any store failure: keep the usage
+            self.note_store_down(error, "commit")
+            self._spool(record)
+            return
+        self.note_store_up()
 
     async def replay_spool(self) -> int:
-        """Commit spooled usage in order until the spool is empty or the store fails; return the count."""
+        """Commit spooled usage, oldest first, until the spool is empty or the store fails; return the count."""
         replayed = 0
         while self.spool:
             try:
@@ -173,6 +186,7 @@ class BudgetKeeper:
                 break
             self.spool.popleft()
             self.metrics.budget_spool.set(len(self.spool))
+            self.metrics.budget_spool_replayed.inc()
             replayed += 1
         if replayed:
             self.note_store_up()
@@ -180,8 +194,10 @@ class BudgetKeeper:
         return replayed
 
     async def close(self) -> None:
+        self._closing = True
         if self._replay_task is not None:
             self._replay_task.cancel()
+        await asyncio.gather(*self._commits, return_exceptions=True)
         await self.replay_spool()
         if self.spool:
             log.error("%d budget commits could not be written before shutdown", len(self.spool))
@@ -211,9 +227,12 @@ class BudgetKeeper:
             log.error("budget store unavailable (%s); failure mode %s", type(error).__name__, self.tenancy.store.failure_mode)
 
     def note_store_up(self) -> None:
+        """Note a store call that worked: log the end of an outage and replay the spool now."""
         if self._store_down:
             self._store_down = False
             log.info("budget store available again")
+        if self.spool:
+            self._start_replay(delay_s=0.0)
 
     def _spool(self, record: _SpooledCommit) -> None:
         if len(self.spool) >= self.tenancy.store.spool_max:
@@ -223,10 +242,16 @@ class BudgetKeeper:
             log.error("budget spool full (%d): the oldest usage record was dropped", self.tenancy.store.spool_max)
         self.spool.append(record)
         self.metrics.budget_spool.set(len(self.spool))
-        if self._replay_task is None or self._replay_task.done():
-            self._replay_task = asyncio.get_running_loop().create_task(self._replay_until_empty())
+        self._start_replay(delay_s=SPOOL_RETRY_S)
 
-    async def _replay_until_empty(self) -> None:
+    def _start_replay(self, delay_s: float) -> None:
+        """Start replaying the spool after `delay_s`, unless a replay task already runs."""
+        if not self._closing and (self._replay_task is None or self._replay_task.done()):
+            self._replay_task = asyncio.get_running_loop().create_task(self._replay_until_empty(delay_s))
+
+    async def _replay_until_empty(self, delay_s: float) -> None:
+        await asyncio.sleep(delay_s)
         while self.spool:
-            await asyncio.sleep(SPOOL_RETRY_S)
             await self.replay_spool()
+            if self.spool:
+                await asyncio.sleep(SPOOL_RETRY_S)

@@ -119,13 +119,13 @@ class Meter:
         day = self.started.astimezone(self.keeper.zone).date().isoformat()
         ledger = LedgerEntry(day, self.model or "unknown", min(usage.cached_input_tokens, usage.input_tokens))
         counters = [item.counter for item in self.counters]
-        await self.keeper.commit_or_spool(self.reservation_id, counters, amounts, tenant=self.tenant, ledger=ledger)
         self.keeper.metrics.budget_tokens.labels(self.tenant, "input").inc(usage.input_tokens)
         self.keeper.metrics.budget_tokens.labels(self.tenant, "output").inc(usage.output_tokens)
         log.debug(
             "request %s tenant %s used %d input and %d output tokens",
             self.request_id, self.tenant, usage.input_tokens, usage.output_tokens,
         )  # fmt: skip
+        await self.keeper.commit_or_spool(self.reservation_id, counters, amounts, tenant=self.tenant, ledger=ledger)
 
 
 def _output_cap(payload: dict[str, Any], default: int) -> int:

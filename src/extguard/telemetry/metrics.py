@@ -79,6 +79,11 @@ class Metrics:
             "Usage records waiting in the local spool for the budget store to come back.",
             registry=self.registry,
         )
+        self.budget_spool_replayed = Counter(
+            "extguard_budget_spool_replayed",
+            "Spooled usage records committed once the budget store was back.",
+            registry=self.registry,
+        )
         self.budget_spool_dropped = Counter(
             "extguard_budget_spool_dropped",
             "Usage records dropped because the spool was full.",

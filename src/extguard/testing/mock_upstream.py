@@ -9,6 +9,8 @@ Endpoints:
   ``application/octet-stream``.
 - ``GET /mock/requests`` and ``DELETE /mock/requests``: list (oldest first) or clear the
   recorded requests.
+- ``GET /mock/usage`` and ``DELETE /mock/usage``: read or zero what the mock has billed (see
+  below).
 - ``GET /healthz``: returns ``ok``.
 
 By default the reply text echoes the text of the last user message, so a test can see what
@@ -19,7 +21,14 @@ Token counts in ``usage`` are an estimate of ceil(characters / 4). Prompt tokens
 of all messages plus the Anthropic ``system`` prompt. Completion tokens count the reply text or
 the tool call arguments.
 
-Every request except those to ``/mock/requests`` and ``/healthz`` is recorded with its method,
+The mock bills like a provider: a successful JSON reply bills its ``usage``; a stream bills its
+prompt tokens and the estimate of the text it wrote, counted when the stream ends, so a stream
+the client leaves early bills only the events sent before; an error reply bills nothing.
+``GET /mock/usage`` returns the totals as ``{"requests", "input_tokens", "output_tokens",
+"streams_open"}``, so a test can compare them with what a gateway metered once
+``streams_open`` is 0.
+
+Every request except those to ``/mock/...`` and ``/healthz`` is recorded with its method,
 path, query string, headers (lower-case names) and body. aiohttp decompresses a request body
 sent with ``content-encoding: gzip`` or ``deflate`` before it is recorded.
 """
@@ -38,7 +47,7 @@ import sys
 import time
 import uuid
 import zlib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from aiohttp import web
@@ -54,7 +63,9 @@ DEFAULT_CHUNK_CHARS = 4
 CHARS_PER_TOKEN = 4
 MODEL_IDS = ("mock-gpt", "mock-claude")
 
-_UNRECORDED_PATHS = frozenset({"/mock/requests", "/healthz"})
+_UNRECORDED_PATHS = frozenset({"/mock/requests", "/mock/usage", "/healthz"})
+# The longest a stream with `hold_after_events` stays open waiting for the client to leave.
+MAX_HOLD_S = 120.0
 _SCRIPT_FIELDS = frozenset(
     {
         "reply",
@@ -66,6 +77,7 @@ _SCRIPT_FIELDS = frozenset(
         "status",
         "error_message",
         "truncate_after_events",
+        "hold_after_events",
         "content_type",
     }
 )
@@ -114,6 +126,9 @@ class MockScript:
         truncate_after_events: end a streamed response after this many SSE events, so the
             final chunk and ``[DONE]`` (or ``message_stop``) are missing. The HTTP response
             itself ends normally.
+        hold_after_events: send this many SSE events, then send nothing more and keep the
+            response open until the client goes away (at most MAX_HOLD_S, then end it). A test
+            reads what was sent, closes the stream and knows exactly what the mock billed.
         content_type: content type sent in place of ``application/json`` or
             ``text/event-stream``.
     """
@@ -127,7 +142,38 @@ class MockScript:
     status: int | None = None
     error_message: str | None = None
     truncate_after_events: int | None = None
+    hold_after_events: int | None = None
     content_type: str | None = None
+
+
+@dataclass
+class Billing:
+    """Tokens the mock has billed since it started or was last zeroed."""
+
+    requests: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    streams_open: int = 0
+
+    def bill(self, input_tokens: int, output_tokens: int) -> None:
+        self.requests += 1
+        self.input_tokens += input_tokens
+        self.output_tokens += output_tokens
+
+    def zero(self) -> None:
+        """Zero the totals. Streams still open bill into the new totals when they end."""
+        self.requests = self.input_tokens = self.output_tokens = 0
+
+
+BILLING = web.AppKey("billing", Billing)
+
+
+@dataclass(frozen=True)
+class SseEvent:
+    """One encoded SSE event and the generated text (reply or tool arguments) it carries."""
+
+    data: bytes
+    generated: str = ""
 
 
 @dataclass(frozen=True)
@@ -171,6 +217,7 @@ def parse_mock_script(raw: object) -> MockScript:
         status=_parse_status(raw.get("status")),
         error_message=_optional_field(raw, "error_message", str, "a string"),
         truncate_after_events=_bounded_int(raw, "truncate_after_events", None, minimum=0),
+        hold_after_events=_bounded_int(raw, "hold_after_events", None, minimum=0),
         content_type=_parse_content_type(raw.get("content_type")),
     )
 
@@ -389,9 +436,13 @@ def _sse_named(event: str, payload: object) -> bytes:
 
 
 async def _send_sse(
-    request: web.Request, events: list[bytes], script: MockScript
+    request: web.Request, events: list[SseEvent], script: MockScript, prompt_tokens: int
 ) -> web.StreamResponse:
-    """Stream the encoded SSE events, applying the script's delay, truncation and gzip."""
+    """Stream the SSE events, applying the script's delay, truncation, hold and gzip.
+
+    Bills the prompt tokens and the estimate of the generated text that was written, once the
+    stream ends for any reason.
+    """
     response = web.StreamResponse(
         headers={
             "Content-Type": script.content_type or "text/event-stream; charset=utf-8",
@@ -405,24 +456,47 @@ async def _send_sse(
 
     if script.truncate_after_events is not None:
         events = events[: script.truncate_after_events]
+    held = script.hold_after_events is not None and script.hold_after_events < len(events)
+    if script.hold_after_events is not None:
+        events = events[: script.hold_after_events]
 
-    await response.prepare(request)
+    billing = request.app[BILLING]
+    billing.streams_open += 1
+    generated: list[str] = []
     try:
+        await response.prepare(request)
         for index, event in enumerate(events):
             if index and script.chunk_delay_ms:
                 await asyncio.sleep(script.chunk_delay_ms / 1000)
+            data = event.data
             if compressor is not None:
-                event = compressor.compress(event) + compressor.flush(zlib.Z_SYNC_FLUSH)
-            await response.write(event)
+                data = compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH)
+            await response.write(data)
+            generated.append(event.generated)
 
+        if held:
+            await _wait_for_client_to_leave(request)
         if compressor is not None:
             await response.write(compressor.flush(zlib.Z_FINISH))
         await response.write_eof()
     except ConnectionResetError as error:
         logger.debug(
-            "client of %s %s disconnected mid-stream: %s", request.method, request.path, error
+            "client of %s %s disconnected mid-stream: %r", request.method, request.path, error
         )
+    finally:
+        billing.streams_open -= 1
+        billing.bill(prompt_tokens, estimate_tokens("".join(generated)))
     return response
+
+
+async def _wait_for_client_to_leave(request: web.Request) -> None:
+    """Return once the client's connection closes, or after MAX_HOLD_S."""
+    deadline = time.monotonic() + MAX_HOLD_S
+    while time.monotonic() < deadline:
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client left a held stream")
+        await asyncio.sleep(0.01)
 
 
 # --- OpenAI Chat Completions ------------------------------------------------------------------
@@ -473,7 +547,7 @@ def _openai_usage(completion: Completion) -> dict[str, int]:
 
 def _chat_stream_events(
     completion: Completion, script: MockScript, include_usage: bool
-) -> list[bytes]:
+) -> list[SseEvent]:
     """Encode a completion as OpenAI ``chat.completion.chunk`` events, ending with ``[DONE]``.
 
     Every chunk carries the same id, created time and model. When ``include_usage`` is set,
@@ -497,23 +571,23 @@ def _chat_stream_events(
 
     if completion.tool_call is None:
         pieces = split_text(completion.text, script.split_at, script.chunk_chars)
-        deltas = [{"role": "assistant", "content": ""}]
-        deltas += [{"content": piece} for piece in pieces]
+        deltas = [({"role": "assistant", "content": ""}, "")]
+        deltas += [({"content": piece}, piece) for piece in pieces]
         finish_reason = "stop"
     else:
         deltas = _tool_call_deltas(completion.tool_call, script)
         finish_reason = "tool_calls"
 
-    events = [chunk(choice(delta)) for delta in deltas]
-    events.append(chunk(choice({}, finish_reason)))
+    events = [SseEvent(chunk(choice(delta)), generated) for delta, generated in deltas]
+    events.append(SseEvent(chunk(choice({}, finish_reason))))
     if include_usage:
-        events.append(chunk([], _openai_usage(completion)))
-    events.append(b"data: [DONE]\n\n")
+        events.append(SseEvent(chunk([], _openai_usage(completion))))
+    events.append(SseEvent(b"data: [DONE]\n\n"))
     return events
 
 
-def _tool_call_deltas(tool_call: ToolCall, script: MockScript) -> list[dict[str, Any]]:
-    """Return the deltas of a streamed tool call as OpenAI sends them.
+def _tool_call_deltas(tool_call: ToolCall, script: MockScript) -> list[tuple[dict[str, Any], str]]:
+    """Return the deltas of a streamed tool call as OpenAI sends them, each with its fragment.
 
     The role delta has ``content: null``, the first tool delta carries the id and function
     name with empty arguments, and later deltas carry argument fragments.
@@ -524,9 +598,12 @@ def _tool_call_deltas(tool_call: ToolCall, script: MockScript) -> list[dict[str,
         "type": "function",
         "function": {"name": tool_call.name, "arguments": ""},
     }
-    deltas: list[dict[str, Any]] = [{"role": "assistant", "content": None}, {"tool_calls": [first]}]
+    deltas: list[tuple[dict[str, Any], str]] = [
+        ({"role": "assistant", "content": None}, ""),
+        ({"tool_calls": [first]}, ""),
+    ]
     for piece in split_text(tool_call.arguments, script.split_at, script.chunk_chars):
-        deltas.append({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
+        deltas.append(({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}, piece))
     return deltas
 
 
@@ -550,7 +627,8 @@ async def _handle_chat_completions(request: web.Request) -> web.StreamResponse:
     completion = _build_completion(model, prompt_text, _last_user_text(messages), script)
     if stream:
         events = _chat_stream_events(completion, script, include_usage)
-        return await _send_sse(request, events, script)
+        return await _send_sse(request, events, script, completion.prompt_tokens)
+    request.app[BILLING].bill(completion.prompt_tokens, completion.completion_tokens)
     return _json_response(_chat_completion_object(completion), script)
 
 
@@ -625,7 +703,7 @@ def _anthropic_message(completion: Completion) -> dict[str, Any]:
     }
 
 
-def _anthropic_stream_events(completion: Completion, script: MockScript) -> list[bytes]:
+def _anthropic_stream_events(completion: Completion, script: MockScript) -> list[SseEvent]:
     """Encode a completion as Anthropic's named SSE events, from message_start to message_stop."""
     message_start = {
         "id": _new_id("msg_"),
@@ -639,30 +717,36 @@ def _anthropic_stream_events(completion: Completion, script: MockScript) -> list
     }
     if completion.tool_call is None:
         pieces = split_text(completion.text, script.split_at, script.chunk_chars)
-        deltas = [{"type": "text_delta", "text": piece} for piece in pieces]
+        deltas = [({"type": "text_delta", "text": piece}, piece) for piece in pieces]
     else:
         pieces = split_text(completion.tool_call.arguments, script.split_at, script.chunk_chars)
-        deltas = [{"type": "input_json_delta", "partial_json": piece} for piece in pieces]
+        deltas = [({"type": "input_json_delta", "partial_json": piece}, piece) for piece in pieces]
 
     first_block = _anthropic_content_block(completion, streaming=True)
-    events: list[tuple[str, dict[str, Any]]] = [
-        ("message_start", {"message": message_start}),
-        ("content_block_start", {"index": 0, "content_block": first_block}),
-        ("ping", {}),
+    events: list[tuple[str, dict[str, Any], str]] = [
+        ("message_start", {"message": message_start}, ""),
+        ("content_block_start", {"index": 0, "content_block": first_block}, ""),
+        ("ping", {}, ""),
     ]
-    events += [("content_block_delta", {"index": 0, "delta": delta}) for delta in deltas]
     events += [
-        ("content_block_stop", {"index": 0}),
+        ("content_block_delta", {"index": 0, "delta": delta}, piece) for delta, piece in deltas
+    ]
+    events += [
+        ("content_block_stop", {"index": 0}, ""),
         (
             "message_delta",
             {
                 "delta": {"stop_reason": _stop_reason(completion), "stop_sequence": None},
                 "usage": {"output_tokens": completion.completion_tokens},
             },
+            "",
         ),
-        ("message_stop", {}),
+        ("message_stop", {}, ""),
     ]
-    return [_sse_named(name, {"type": name, **data}) for name, data in events]
+    return [
+        SseEvent(_sse_named(name, {"type": name, **data}), generated)
+        for name, data, generated in events
+    ]
 
 
 async def _handle_messages(request: web.Request) -> web.StreamResponse:
@@ -691,7 +775,9 @@ async def _handle_messages(request: web.Request) -> web.StreamResponse:
     prompt_text = system_text + "".join(message_texts)
     completion = _build_completion(model, prompt_text, _last_user_text(messages), script)
     if stream:
-        return await _send_sse(request, _anthropic_stream_events(completion, script), script)
+        events = _anthropic_stream_events(completion, script)
+        return await _send_sse(request, events, script, completion.prompt_tokens)
+    request.app[BILLING].bill(completion.prompt_tokens, completion.completion_tokens)
     return _json_response(_anthropic_message(completion), script)
 
 
@@ -718,6 +804,15 @@ async def _handle_list_requests(request: web.Request) -> web.Response:
 
 async def _handle_clear_requests(request: web.Request) -> web.Response:
     request.app[RECORDED_REQUESTS].clear()
+    return web.Response(status=204)
+
+
+async def _handle_usage(request: web.Request) -> web.Response:
+    return web.json_response(asdict(request.app[BILLING]))
+
+
+async def _handle_clear_usage(request: web.Request) -> web.Response:
+    request.app[BILLING].zero()
     return web.Response(status=204)
 
 
@@ -767,6 +862,7 @@ def build_app(*, max_recorded: int = 100) -> web.Application:
 
     app = web.Application(middlewares=[_record_request], client_max_size=MAX_REQUEST_BYTES)
     app[RECORDED_REQUESTS] = collections.deque(maxlen=max_recorded)
+    app[BILLING] = Billing()
     app.router.add_post("/v1/chat/completions", _handle_chat_completions)
     app.router.add_post("/v1/messages", _handle_messages)
     app.router.add_get("/v1/models", _handle_models)
@@ -774,6 +870,8 @@ def build_app(*, max_recorded: int = 100) -> web.Application:
     app.router.add_route("POST", "/mock/raw", _handle_raw)
     app.router.add_get("/mock/requests", _handle_list_requests)
     app.router.add_delete("/mock/requests", _handle_clear_requests)
+    app.router.add_get("/mock/usage", _handle_usage)
+    app.router.add_delete("/mock/usage", _handle_clear_usage)
     app.router.add_get("/healthz", _handle_healthz)
     return app
 

@@ -1,7 +1,9 @@
 """A real `redis-server` on a free loopback port, for tests and benchmarks.
 
-It keeps nothing on disk (no RDB snapshots, no AOF), runs in a temporary folder, and can be
-stopped and started again on the same port to test outages.
+By default it keeps nothing on disk, so a restart comes back empty. With `durable=True` it
+writes an append-only file and syncs it before each reply, so a restart (even after `kill()`)
+comes back with every write it acknowledged. It runs in a temporary folder and can be stopped and
+started again on the same port to test outages.
 """
 
 from __future__ import annotations
@@ -19,19 +21,21 @@ from extguard.testing.stack import free_port
 class RedisServer:
     """Start with `start()`, stop with `stop()`; `url` stays the same across restarts."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, *, durable: bool = False) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed; scripts/bootstrap.sh installs it with apt-get")
         self.binary = binary
         self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.durable = durable
         self._work_dir = Path(tempfile.mkdtemp(prefix="extguard-redis-"))
         self._process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout_s: float = 10.0) -> None:
+        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.durable else ["--appendonly", "no"]
         command = [
-            self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *persistence,
             "--dir", str(self._work_dir), "--protected-mode", "yes",
         ]  # fmt: skip
         log = open(self._work_dir / "redis.log", "ab")  # noqa: SIM115 - the child process keeps it
@@ -52,6 +56,13 @@ class RedisServer:
     def stop(self) -> None:
         if self._process is not None and self._process.poll() is None:
             self._process.terminate()
+            self._process.wait(timeout=10)
+        self._process = None
+
+    def kill(self) -> None:
+        """Stop the server at once with SIGKILL, as a crash would."""
+        if self._process is not None and self._process.poll() is None:
+            self._process.kill()
             self._process.wait(timeout=10)
         self._process = None
 

@@ -122,6 +122,15 @@ class Stack:
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
+    def metric(self, name: str, **labels: str) -> float:
+        """Return one sample of extguard's /metrics, or 0 when it is absent."""
+        wanted = ",".join(f'{key}="{value}"' for key, value in sorted(labels.items()))
+        with _DIRECT.open(self.metrics_url, timeout=5) as response:
+            for line in response.read().decode().splitlines():
+                if line.startswith(f"{name}{{{wanted}}} ") or (not labels and line.startswith(f"{name} ")):
+                    return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
     def __enter__(self) -> Stack:
         try:
             self.start()
