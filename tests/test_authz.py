@@ -109,6 +109,17 @@ def test_api_key_identifies_tenant(authz_for) -> None:  # type: ignore[no-untype
     assert metadata["extguard"]["tenant"] == "acme"
 
 
+def test_rate_limits_in_dynamic_metadata(authz_for) -> None:  # type: ignore[no-untyped-def]
+    limited = policy().replace("      models:", "      rate_limits: {extguard_requests: {requests_per_unit: 600, unit: minute}}\n      models:", 1)
+    authz = authz_for(limited)
+
+    acme = json_format.MessageToDict(authz.check({"authorization": f"Bearer {ACME_KEY}"}).dynamic_metadata)
+    globex = json_format.MessageToDict(authz.check({"authorization": f"Bearer {GLOBEX_KEY}"}).dynamic_metadata)
+
+    assert acme["extguard_requests"] == {"requests_per_unit": 600, "unit": "MINUTE"}
+    assert sorted(globex) == ["extguard"]
+
+
 def test_key_names_user_inside_tenant(authz_for) -> None:  # type: ignore[no-untyped-def]
     response = authz_for(policy()).check({"x-api-key": BOT_KEY})
 

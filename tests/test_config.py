@@ -211,3 +211,37 @@ def test_allow_list_invalid_pattern_reported() -> None:
         parse("default:\n  allow:\n    patterns: ['(unclosed']\n")
 
     assert raised.value.errors[0].startswith("policy.yaml:3: default.allow.patterns:")
+
+
+def test_rate_limits_take_envoy_units_in_any_case() -> None:
+    text = """tenancy:
+  tenants:
+    acme:
+      rate_limits:
+        requests: {requests_per_unit: 600, unit: Minute}
+        tokens: {requests_per_unit: 100000, unit: hour}
+"""
+    limits = parse(text).tenancy.tenants["acme"].rate_limits
+
+    assert {key: limit.metadata() for key, limit in limits.items()} == {
+        "requests": {"requests_per_unit": 600, "unit": "MINUTE"},
+        "tokens": {"requests_per_unit": 100000, "unit": "HOUR"},
+    }
+
+
+@pytest.mark.parametrize(
+    "entry, words",
+    [
+        ("extguard: {requests_per_unit: 1, unit: minute}", "rate limit key 'extguard'"),
+        ("'a b': {requests_per_unit: 1, unit: minute}", "rate limit key 'a b'"),
+        ("requests: {requests_per_unit: 1, unit: fortnight}", "unit"),
+        ("requests: {requests_per_unit: 4294967296, unit: minute}", "requests_per_unit"),
+        ("requests: {requests: 1, unit: minute}", "requests_per_unit"),
+    ],
+)
+def test_invalid_rate_limit_reported(entry: str, words: str) -> None:
+    text = f"tenancy:\n  tenants:\n    acme:\n      rate_limits:\n        {entry}\n"
+    with pytest.raises(PolicyError) as raised:
+        parse(text)
+
+    assert any(words in error and "rate_limits" in error for error in raised.value.errors)

@@ -226,8 +226,8 @@ def test_mixed_requests_meter_exactly(budget_stack) -> None:  # type: ignore[no-
             )  # fmt: skip
             assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices) == reply
         elif kind == 3:
-            # The client leaves midway: the mock sends two pieces of a long reply and waits; the
-            # client reads into the second piece and closes. Usage was asked for but never sent.
+            # The client leaves midway. The mock sends two pieces of a long reply and waits, and the
+            # client reads into the second piece and closes. Usage was requested but never sent.
             first, second = "word " * (index % 7 + 1), "more text " * 20
             script = {"reply": first + second + "never sent " * 50, "split_at": [len(first), len(first + second)], "hold_after_events": 3}
             stream = oai.chat.completions.create(
@@ -326,9 +326,9 @@ tenancy:
 @pytest.mark.parametrize("mode", ["open", "closed"])
 def test_redis_killed_during_traffic(tmp_path: Path, mode: str) -> None:
     """Redis is killed with SIGKILL under concurrent traffic and restarted from its append-only
-    file. Requests in flight at the kill commit through the spool; in open mode requests admitted
-    while Redis is down are counted too, in closed mode they get 503 and never reach the provider.
-    Either way the counters end equal to what the mock upstream billed: no usage is lost."""
+    file. Requests in flight at the kill commit through the spool. In open mode, requests admitted
+    while Redis is down are counted too. In closed mode they get 503 and never reach the provider.
+    Either way the counters end equal to what the mock upstream billed, so no usage is lost."""
     import threading
     import time
     from concurrent.futures import ThreadPoolExecutor

@@ -9,7 +9,8 @@ start of its body) before anything goes upstream. The response is one of:
   `closed`;
 - OK, with `x-extguard-tenant` and `x-extguard-user` set for the upstream and the ext_proc stage
   (client-sent copies are removed, so nobody can claim another tenant), the same in dynamic
-  metadata under `extguard`, and `x-extguard-budget-warning` for the client at a soft limit.
+  metadata under `extguard`, the tenant's `rate_limits` in dynamic metadata for Envoy's rate
+  limiter, and `x-extguard-budget-warning` for the client at a soft limit.
 
 Without a `tenancy` section in the policy, every request is OK and nothing is added.
 """
@@ -105,7 +106,10 @@ class Authorization(auth_grpc.AuthorizationServicer):
         setting = {name for name, _ in upstream}
         remove = [name for name in OWN_HEADERS if name in headers and name not in setting]
         self._metrics.budget_decisions.labels("authz", "allowed", caller.tenant).inc()
-        metadata = {"tenant": caller.tenant, "user": caller.user or "", "identity_source": caller.source}
+        metadata: dict[str, Any] = {
+            METADATA_NAMESPACE: {"tenant": caller.tenant, "user": caller.user or "", "identity_source": caller.source},
+        }
+        metadata.update((key, limit.metadata()) for key, limit in tenant.rate_limits.items())
         return _ok(upstream, remove, client, metadata)
 
 
@@ -130,8 +134,9 @@ def _header(name: str, value: str) -> base_pb2.HeaderValueOption:
 
 
 def _ok(
-    upstream: list[tuple[str, str]], remove: list[str], client: list[tuple[str, str]], metadata: dict[str, str]
+    upstream: list[tuple[str, str]], remove: list[str], client: list[tuple[str, str]], metadata: dict[str, Any]
 ) -> auth.CheckResponse:
+    """Allow the request. Envoy files `metadata` under the namespace envoy.filters.http.ext_authz."""
     response = auth.CheckResponse(status=status_pb2.Status(code=code_pb2.OK))
     ok = response.ok_response
     ok.headers.extend(_header(name, value) for name, value in upstream)
@@ -139,7 +144,7 @@ def _ok(
     ok.response_headers_to_add.extend(_header(name, value) for name, value in client)
     if metadata:
         fields = struct_pb2.Struct()
-        fields.update({METADATA_NAMESPACE: metadata})
+        fields.update(metadata)
         response.dynamic_metadata.CopyFrom(fields)
     return response
 

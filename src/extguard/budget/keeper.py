@@ -165,8 +165,8 @@ class BudgetKeeper:
         await asyncio.shield(task)
 
     async def _commit_or_spool(self, record: _SpooledCommit) -> None:
-        # Commits add up in any order and a repeated one counts once, so a new commit does not
-        # wait behind the spool: its reservation would hold budget until the replay reached it.
+        # Commits add up in any order and a repeated one counts once. So a new commit does not
+        # wait behind the spool, where its reservation would hold budget until the replay.
         try:
             await self.call(record.send(self.store))
         except Exception as error:  # noqa: BLE001 - any store failure: keep the usage

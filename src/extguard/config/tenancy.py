@@ -13,6 +13,8 @@ tenancy:
       models: ["gpt-4o*", "claude-*"]
       budgets: [{window: day, metric: total_tokens, limit: 200000, soft: 0.8}]
       user_budgets: [{window: day, metric: total_tokens, limit: 20000}]
+      rate_limits:                    # for Envoy Gateway's limit.fromMetadata, by metadata key
+        extguard_requests: {requests_per_unit: 600, unit: minute}
 pricing:                              # USD per million tokens
   gpt-4o-mini: {input: 0.15, cached_input: 0.075, output: 0.60}
 ```
@@ -34,6 +36,10 @@ from extguard.budget.windows import Window
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _HEADER_NAME = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]+")
+_METADATA_KEY = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+# Keys that ext_authz's dynamic metadata already uses: extguard's own facts, and the duration
+# that Envoy adds itself.
+RESERVED_METADATA_KEYS = frozenset({"extguard", "ext_authz_duration"})
 
 
 class _Strict(BaseModel):
@@ -62,6 +68,39 @@ class Budget(_Strict):
         return self
 
 
+class RateLimitUnit(enum.StrEnum):
+    """Units of Envoy's rate limit override; the policy may spell them in any case."""
+
+    SECOND = "SECOND"
+    MINUTE = "MINUTE"
+    HOUR = "HOUR"
+    DAY = "DAY"
+    WEEK = "WEEK"
+    MONTH = "MONTH"
+    YEAR = "YEAR"
+
+
+class RateLimit(_Strict):
+    """A per-tenant limit handed to Envoy's global rate limiter through dynamic metadata.
+
+    ext_authz writes it as `{"requests_per_unit": N, "unit": "MINUTE"}`, the struct Envoy's rate
+    limit override reads, so a BackendTrafficPolicy rule with `limit.fromMetadata` (namespace
+    `envoy.filters.http.ext_authz`, key: the name under `rate_limits`) counts with this tenant's
+    number instead of its static one. With cost-based rules the number is tokens, not requests.
+    """
+
+    requests_per_unit: int = Field(ge=0, le=4_294_967_295)  # Envoy reads it as a 32-bit count
+    unit: RateLimitUnit
+
+    @field_validator("unit", mode="before")
+    @classmethod
+    def _upper_unit(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    def metadata(self) -> dict[str, object]:
+        return {"requests_per_unit": self.requests_per_unit, "unit": self.unit.value}
+
+
 class ApiKey(_Strict):
     sha256: str  # lowercase hex SHA-256 of the key; the key itself is never stored
     user: str | None = Field(None, min_length=1)  # a user or key name within the tenant
@@ -80,6 +119,19 @@ class Tenant(_Strict):
     models: list[str] | None = Field(None, min_length=1)  # shell-style patterns; None: any model
     budgets: list[Budget] = Field(default_factory=list)
     user_budgets: list[Budget] = Field(default_factory=list)  # per user or key, inside the tenant's
+    # Limits for Envoy's rate limiter, by the metadata key a `limit.fromMetadata` rule names.
+    rate_limits: dict[str, RateLimit] = Field(default_factory=dict)
+
+    @field_validator("rate_limits")
+    @classmethod
+    def _metadata_keys(cls, limits: dict[str, RateLimit]) -> dict[str, RateLimit]:
+        for key in limits:
+            if not _METADATA_KEY.fullmatch(key) or key in RESERVED_METADATA_KEYS:
+                raise ValueError(
+                    f"rate limit key {key!r} must be letters, digits, '_', '-' or '.', and not one of "
+                    f"{sorted(RESERVED_METADATA_KEYS)}"
+                )
+        return limits
 
     def allows_model(self, model: str | None) -> bool:
         """Return whether the tenant may call `model`; an unknown model (None) is allowed here."""

@@ -21,9 +21,9 @@ Token counts in ``usage`` are an estimate of ceil(characters / 4). Prompt tokens
 of all messages plus the Anthropic ``system`` prompt. Completion tokens count the reply text or
 the tool call arguments.
 
-The mock bills like a provider: a successful JSON reply bills its ``usage``; a stream bills its
+The mock bills like a provider. A successful JSON reply bills its ``usage``. A stream bills its
 prompt tokens and the estimate of the text it wrote, counted when the stream ends, so a stream
-the client leaves early bills only the events sent before; an error reply bills nothing.
+that the client leaves early bills only the events sent before. An error reply bills nothing.
 ``GET /mock/usage`` returns the totals as ``{"requests", "input_tokens", "output_tokens",
 "streams_open"}``, so a test can compare them with what a gateway metered once
 ``streams_open`` is 0.
@@ -64,7 +64,7 @@ CHARS_PER_TOKEN = 4
 MODEL_IDS = ("mock-gpt", "mock-claude")
 
 _UNRECORDED_PATHS = frozenset({"/mock/requests", "/mock/usage", "/healthz"})
-# The longest a stream with `hold_after_events` stays open waiting for the client to leave.
+# Maximum time a stream with `hold_after_events` stays open waiting for the client to leave.
 MAX_HOLD_S = 120.0
 _SCRIPT_FIELDS = frozenset(
     {
@@ -128,7 +128,7 @@ class MockScript:
             itself ends normally.
         hold_after_events: send this many SSE events, then send nothing more and keep the
             response open until the client goes away (at most MAX_HOLD_S, then end it). A test
-            reads what was sent, closes the stream and knows exactly what the mock billed.
+            reads what was sent and closes the stream, so the billed usage is exactly known.
         content_type: content type sent in place of ``application/json`` or
             ``text/event-stream``.
     """
@@ -456,7 +456,7 @@ async def _send_sse(
 
     if script.truncate_after_events is not None:
         events = events[: script.truncate_after_events]
-    held = script.hold_after_events is not None and script.hold_after_events < len(events)
+    hold = script.hold_after_events is not None and script.hold_after_events < len(events)
     if script.hold_after_events is not None:
         events = events[: script.hold_after_events]
 
@@ -474,7 +474,7 @@ async def _send_sse(
             await response.write(data)
             generated.append(event.generated)
 
-        if held:
+        if hold:
             await _wait_for_client_to_leave(request)
         if compressor is not None:
             await response.write(compressor.flush(zlib.Z_FINISH))
