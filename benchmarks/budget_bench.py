@@ -1,8 +1,10 @@
 """Budget store throughput and ext_authz latency, against a local redis-server.
 
 1. Reserve-and-commit: several asyncio clients, each with its own Redis connection (as several
-   extguard replicas would have), run reserve then commit in a loop against one tenant's day
-   and month counters for a fixed time. Prints operations per second (one operation is one
+   extguard replicas would have), run reserve then commit in a loop for one tenant with a day
+   and a month budget, for a fixed time. That is the five counters a request touches: the two
+   budget windows, which are reserved against, and the minute, hour and week windows, which
+   only count commits. Prints operations per second (one operation is one
    reserve plus one commit) and the median and p99 of each pair's latency.
 2. ext_authz Check: one gRPC client calls extguard's Check with a valid API key, one call at a
    time, against a server whose policy keeps budgets in the same Redis. Prints the median and
@@ -23,6 +25,7 @@ import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "src"))
@@ -33,8 +36,9 @@ import redis.asyncio as redis  # noqa: E402
 from envoy.service.auth.v3 import external_auth_pb2 as auth  # noqa: E402
 from envoy.service.auth.v3 import external_auth_pb2_grpc as auth_grpc  # noqa: E402
 
+from extguard.budget.plan import counters_for  # noqa: E402
 from extguard.budget.redis_store import RedisBudgetStore  # noqa: E402
-from extguard.budget.store import Counter  # noqa: E402
+from extguard.config.tenancy import Tenant  # noqa: E402
 from extguard.server import build_runtime  # noqa: E402
 from extguard.telemetry.metrics import Metrics  # noqa: E402
 from extguard.testing.redis_server import RedisServer  # noqa: E402
@@ -49,10 +53,9 @@ def percentile(values: list[float], rank: float) -> float:
 
 
 async def reserve_commit(url: str, clients: int, seconds: float) -> tuple[int, list[float]]:
-    counters = [
-        Counter("bench", "tenant", "day:2026-12-05", ttl_s=3600, limits={"total_tokens": 10**15}),
-        Counter("bench", "tenant", "month:2026-12", ttl_s=3600, limits={"total_tokens": 10**15}),
-    ]
+    budgets = [{"window": "day", "limit": 10**15}, {"window": "month", "limit": 10**15}]
+    tenant = Tenant.model_validate({"budgets": budgets})
+    counters = [item.counter for item in counters_for("bench", tenant, None, datetime.now(UTC), ZoneInfo("UTC"))]
     stores = [RedisBudgetStore(redis.Redis.from_url(url)) for _ in range(clients)]
     latencies: list[float] = []
     deadline = time.perf_counter() + seconds
@@ -119,7 +122,7 @@ def main() -> int:
     with RedisServer() as server:
         operations, latencies = asyncio.run(reserve_commit(server.url, args.clients, args.seconds))
         print(
-            f"reserve+commit, {args.clients} clients, 2 windows, {args.seconds:g} s: {operations / args.seconds:.0f} per second; "
+            f"reserve+commit, {args.clients} clients, 5 counters (2 budgets), {args.seconds:g} s: {operations / args.seconds:.0f} per second; "
             f"latency median {statistics.median(latencies):.2f} ms, p99 {percentile(latencies, 99):.2f} ms"
         )
         checks = authz_latency(server.url, args.authz_calls)

@@ -113,7 +113,7 @@ def test_reset_window_starts_period_again(admin) -> None:  # type: ignore[no-unt
     [
         ("GetBudgetStatus", admin_pb2.GetBudgetStatusRequest(tenant="initech"), grpc.StatusCode.NOT_FOUND),
         ("ResetWindow", admin_pb2.ResetWindowRequest(tenant="acme", window="year"), grpc.StatusCode.INVALID_ARGUMENT),
-        ("ResetWindow", admin_pb2.ResetWindowRequest(tenant="globex", window="day"), grpc.StatusCode.NOT_FOUND),
+        ("ResetWindow", admin_pb2.ResetWindowRequest(tenant="globex", window="day", scope="user:bob"), grpc.StatusCode.NOT_FOUND),
         ("GetUsage", admin_pb2.GetUsageRequest(tenant="acme", from_day="12/04/2026"), grpc.StatusCode.INVALID_ARGUMENT),
     ],
 )

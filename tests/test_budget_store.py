@@ -122,10 +122,15 @@ async def test_rejection_in_second_counter_leaves_first(store: BudgetStore) -> N
 
 
 async def test_counter_without_limit_only_counts(store: BudgetStore) -> None:
-    result = await store.reserve("r1", [day(limit=None)], {"total_tokens": 10**9}, now_ms=NOW, expires_at_ms=LATER)
+    counters = [day(limit=None, scope="user:u1"), day(limit=10**10)]
+    result = await store.reserve("r1", counters, {"total_tokens": 60}, now_ms=NOW, expires_at_ms=LATER)
+    await store.commit("r1", counters, {"total_tokens": 10**9}, tenant="acme")
+    unlimited, limited = await store.status(counters, now_ms=NOW)
 
     assert result.admitted
-    assert result.states[0].reserved["total_tokens"] == 10**9
+    assert [state.reserved["total_tokens"] for state in result.states] == [0, 60]
+    assert unlimited.used["total_tokens"] == 10**9
+    assert (unlimited.reserved["total_tokens"], limited.reserved["total_tokens"]) == (0, 0)
 
 
 async def test_tenants_do_not_share_counters(store: BudgetStore) -> None:
@@ -293,3 +298,36 @@ async def test_ledger_sums_commits_per_day_and_model(store: BudgetStore) -> None
         "2026-12-05": {"claude-3-haiku": {"requests": 1, "input_tokens": 100, "cached_input_tokens": 0, "output_tokens": 20, "cost_nanousd": 5000}},
     }
     assert await store.usage("globex", ["2026-12-04"]) == {}
+
+
+async def test_changed_budget_keeps_counted_usage(redis_server: RedisServer) -> None:
+    """A policy that moves a budget to another window, or lowers it, sees what was already spent."""
+    from datetime import UTC, datetime
+
+    from extguard.budget.keeper import BudgetKeeper
+    from extguard.budget.windows import Window
+    from extguard.config.tenancy import Tenancy
+
+    def keeper_for(budgets: list[dict]) -> BudgetKeeper:
+        store = {"backend": "redis", "url": redis_server.url, "timeout_ms": 1000}
+        return BudgetKeeper.from_settings(Tenancy.model_validate({"store": store, "tenants": {"acme": {"budgets": budgets}}}), {})
+
+    await redis.Redis.from_url(redis_server.url).flushdb()
+    now = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
+    before = keeper_for([{"window": "day", "limit": 1000}])
+    counters = [item.counter for item in before.counters("acme", None, now)]
+    await before.commit_or_spool("r1", counters, {"total_tokens": 600}, tenant="acme")
+    await before.close()
+
+    after = keeper_for([{"window": "day", "limit": 500}, {"window": "week", "limit": 700}])
+    planned = after.counters("acme", None, now)
+    check = await after.pre_check("acme", None, now)
+    now_ms = int(now.timestamp() * 1000)
+    week_only = [item.counter for item in planned if item.period.window is Window.WEEK]
+    reserve = await after.store.reserve("r2", week_only, {"total_tokens": 200}, now_ms=now_ms, expires_at_ms=now_ms + 60_000)
+    await after.close()
+
+    assert check.exhausted is not None
+    assert (check.exhausted.window, check.exhausted.limit) == ("tenant day", 500)
+    assert reserve.rejection is not None
+    assert (reserve.rejection.used, reserve.rejection.limit) == (600, 700)

@@ -12,6 +12,8 @@ import openai
 import pytest
 
 from extguard.budget.keeper import BudgetKeeper
+from extguard.budget.store import Counter
+from extguard.budget.windows import Window
 from extguard.config.loader import load_policy
 from extguard.scan.detectors import default_detectors
 from extguard.testing.redis_server import RedisServer
@@ -56,14 +58,17 @@ def budget_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Sta
             yield stack, policy
 
 
+def day_counter(keeper: BudgetKeeper, tenant: str) -> Counter:
+    return next(item.counter for item in keeper.counters(tenant, None) if item.period.window is Window.DAY)
+
+
 def used(policy: Path, tenant: str) -> dict[str, int]:
     """Return the tenant's used amounts in its current day window, read from Redis."""
     policies = load_policy(policy, default_detectors())
     keeper = BudgetKeeper.from_settings(policies.tenancy, policies.pricing)  # type: ignore[arg-type]
 
     async def read() -> dict[str, int]:
-        counters = [item.counter for item in keeper.counters(tenant, None)]
-        (state,) = await keeper.store.status(counters, now_ms=0)
+        (state,) = await keeper.store.status([day_counter(keeper, tenant)], now_ms=0)
         await keeper.store.close()
         return dict(state.used)
 
@@ -159,8 +164,7 @@ def settled(policy: Path, tenant: str) -> dict[str, int]:
     keeper = BudgetKeeper.from_settings(policies.tenancy, policies.pricing)  # type: ignore[arg-type]
 
     async def read() -> tuple[dict[str, int], int]:
-        counters = [item.counter for item in keeper.counters(tenant, None)]
-        (state,) = await keeper.store.status(counters, now_ms=0)
+        (state,) = await keeper.store.status([day_counter(keeper, tenant)], now_ms=0)
         return dict(state.used), state.reserved["total_tokens"]
 
     async def poll() -> dict[str, int]:

@@ -69,7 +69,10 @@ class BudgetAdmin(admin_pb2_grpc.BudgetAdminServicer):
         user = scope.removeprefix("user:") if scope.startswith("user:") else None
         matching = [item for item in self._keeper.counters(request.tenant, user) if item.counter.scope == scope and item.period.window is window]
         if not matching:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"tenant {request.tenant!r} has no {window.value} budget for scope {scope!r}")
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"tenant {request.tenant!r} has no counters for scope {scope!r}; users are counted only in tenants with user_budgets",
+            )
         await self._keeper.call(self._keeper.store.reset(matching[0].counter))
         log.info("budget window reset: tenant %s scope %s period %s", request.tenant, scope, matching[0].period.id)
         return admin_pb2.ResetWindowResponse(period=matching[0].period.id)

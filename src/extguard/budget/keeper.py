@@ -114,7 +114,7 @@ class BudgetKeeper:
     async def pre_check(self, tenant: str, user: str | None, now: datetime | None = None) -> PreCheck:
         """Return whether any hard limit of the caller is already reached, and the soft-limit warnings."""
         moment = now or datetime.now(UTC)
-        planned = self.counters(tenant, user, moment)
+        planned = [item for item in self.counters(tenant, user, moment) if item.budgets]
         if not planned:
             return PreCheck()
         try:

@@ -67,6 +67,8 @@ class MemoryBudgetStore:
                     return ReserveResult(rejection, [])
 
         for counter, item in zip(counters, data, strict=True):
+            if not counter.limits:
+                continue  # only counted at commit
             for metric in METRICS:
                 item.reserved[metric] += amounts[metric]
             item.open[reservation_id] = (expires_at_ms, dict(amounts))

@@ -64,8 +64,8 @@ class Meter:
         amounts = Usage(self.input_estimate, output_cap).amounts(price)
         now = self.started = datetime.now(UTC)
         self.counters = self.keeper.counters(self.tenant, self.user, now)
-        if not self.counters:
-            self.reserved = True  # no budget to hold, but the usage still goes to the ledger
+        if not any(item.budgets for item in self.counters):
+            self.reserved = True  # no budget to hold, but the usage is still counted and goes to the ledger
             return Admission(True)
 
         now_ms = int(now.timestamp() * 1000)

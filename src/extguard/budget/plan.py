@@ -1,8 +1,10 @@
 """From a tenant's configured budgets to store counters, and from token usage to cost.
 
-`counters_for` turns the tenant's budgets (and the user's, when a user is known) into one
-`Counter` per scope and window period that contains `now`, each with its hard limits per
-metric. Costs are integers in nano-USD: a price per million tokens times the tokens, rounded up
+`counters_for` returns one `Counter` per scope and window for the period that contains `now`,
+each with the hard limits per metric of the budgets on that window. Every window is counted,
+budget or not, so a budget added or moved to another window later starts from the usage already
+spent in its current period. Counters without a limit are not reserved against, only committed
+to. Costs are integers in nano-USD: a price per million tokens times the tokens, rounded up
 per request, so a stored cost is never below the true cost.
 """
 
@@ -53,16 +55,20 @@ class PlannedCounter:
 
 
 def counters_for(tenant_name: str, tenant: Tenant, user: str | None, now: datetime, zone: ZoneInfo) -> list[PlannedCounter]:
-    """Return the counters that a request of `tenant_name` (and `user`) at `now` counts against."""
+    """Return the counters that a request of `tenant_name` (and `user`) at `now` counts against.
+
+    Users are counted only in a tenant with `user_budgets`, so that many users without budgets
+    do not fill the store.
+    """
     scopes: list[tuple[str, Sequence[Budget]]] = [("tenant", tenant.budgets)]
     if user is not None and tenant.user_budgets:
         scopes.append((f"user:{user}", tenant.user_budgets))
 
     planned: list[PlannedCounter] = []
     for scope, budgets in scopes:
-        by_window: dict[Window, list[Budget]] = {}
+        by_window: dict[Window, list[Budget]] = {window: [] for window in Window}
         for budget in budgets:
-            by_window.setdefault(budget.window, []).append(budget)
+            by_window[budget.window].append(budget)
         for window, window_budgets in by_window.items():
             period = period_at(window, now, zone)
             limits = {store_metric(budget): store_limit(budget) for budget in window_budgets}

@@ -39,7 +39,8 @@ SWEEP_LIMIT = 64
 
 # KEYS: counter hash and reservation set of each counter, in pairs (c1, z1, c2, z2, ...).
 # ARGV: now_ms, reservation id, expiry ms, metric count M, then M metric names, M amounts,
-#       then per counter: ttl_s followed by M limits (-1 for none).
+#       then per counter: ttl_s followed by M limits (-1 for none). A counter without any
+#       limit is not reserved against; it only counts commits.
 # Returns {1, used and reserved per counter and metric...} when admitted, or
 #         {0, counter index (1-based), metric index (1-based), used, reserved} when rejected.
 # Lua shared by both scripts: drop reservation `rid` from counter hash `c` and its set `z`,
@@ -108,14 +109,22 @@ local record = table.concat(pairs_text, ',')
 local result = {1}
 for k = 1, counters do
   local c, z = KEYS[2 * k - 1], KEYS[2 * k]
-  local ttl = tonumber(ARGV[base + (k - 1) * per_counter + 1])
+  local offset = base + (k - 1) * per_counter
+  local limited = false
   for i = 1, m do
-    redis.call('HINCRBY', c, 'rsv:' .. metrics[i], amounts[i])
+    if tonumber(ARGV[offset + 1 + i]) >= 0 then
+      limited = true
+    end
   end
-  redis.call('HSET', c, 'r:' .. id, record)
-  redis.call('ZADD', z, expires_at, id)
-  redis.call('EXPIRE', c, ttl)
-  redis.call('EXPIRE', z, ttl)
+  if limited then
+    for i = 1, m do
+      redis.call('HINCRBY', c, 'rsv:' .. metrics[i], amounts[i])
+    end
+    redis.call('HSET', c, 'r:' .. id, record)
+    redis.call('ZADD', z, expires_at, id)
+    redis.call('EXPIRE', c, tonumber(ARGV[offset + 1]))
+    redis.call('EXPIRE', z, tonumber(ARGV[offset + 1]))
+  end
   for i = 1, m do
     table.insert(result, tonumber(redis.call('HGET', c, 'used:' .. metrics[i]) or '0'))
     table.insert(result, tonumber(redis.call('HGET', c, 'rsv:' .. metrics[i]) or '0'))

@@ -99,7 +99,12 @@ class BudgetStore(Protocol):
         *,
         now_ms: int,
         expires_at_ms: int,
-    ) -> ReserveResult: ...
+    ) -> ReserveResult:
+        """Reserve `estimate` in every counter with a limit, atomically, unless one limit would be passed.
+
+        Counters without limits are neither checked nor reserved against, only committed to.
+        """
+        ...
 
     async def commit(
         self,
