@@ -107,6 +107,7 @@ def test_api_key_identifies_tenant(authz_for) -> None:  # type: ignore[no-untype
     assert upstream_headers(response) == {"x-extguard-tenant": "acme"}
     metadata = json_format.MessageToDict(response.dynamic_metadata)
     assert metadata["extguard"]["tenant"] == "acme"
+    assert metadata["extguard"]["budget"] == "ok"
 
 
 def test_rate_limits_in_dynamic_metadata(authz_for) -> None:  # type: ignore[no-untyped-def]
@@ -200,8 +201,10 @@ def test_soft_limit_warns_client(authz_for) -> None:  # type: ignore[no-untyped-
     response = client.check({"authorization": f"Bearer {ACME_KEY}"})
 
     warnings = {option.header.key: option.header.value for option in response.ok_response.response_headers_to_add}
+    facts = json_format.MessageToDict(response.dynamic_metadata)["extguard"]
     assert response.status.code == 0
     assert warnings == {"x-extguard-budget-warning": "tenant day total_tokens 85%"}
+    assert (facts["budget"], facts["budget_warning"]) == ("soft_limit", "tenant day total_tokens 85%")
 
 
 def test_spent_budget_gets_429_with_retry_after(authz_for) -> None:  # type: ignore[no-untyped-def]
@@ -235,6 +238,7 @@ def test_store_down_follows_failure_mode(authz_for, mode: str, status: int) -> N
     else:
         assert response.status.code == 0
         assert upstream_headers(response)["x-extguard-budget"] == "unchecked"
+        assert json_format.MessageToDict(response.dynamic_metadata)["extguard"]["budget"] == "unchecked"
 
 
 def test_redis_store_counts_across_checks(authz_for) -> None:  # type: ignore[no-untyped-def]

@@ -23,6 +23,7 @@ pytestmark = pytest.mark.e2e
 
 ACME_KEY = "sk-acme-e2e-0001"
 GLOBEX_KEY = "sk-globex-e2e-0002"
+INITECH_KEY = "sk-initech-e2e-0003"
 
 
 def sha(key: str) -> str:
@@ -45,6 +46,9 @@ tenancy:
       api_keys: [{{sha256: {globex}}}]
       models: ["gpt-4o*", "claude-*"]
       budgets: [{{window: day, metric: total_tokens, limit: 300}}]
+    initech:
+      api_keys: [{{sha256: {initech}}}]
+      budgets: [{{window: day, metric: total_tokens, limit: 400}}]
 """
 
 
@@ -53,7 +57,7 @@ def budget_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Sta
     work = tmp_path_factory.mktemp("budget-stack")
     with RedisServer() as redis_server:
         policy = work / "policy.yaml"
-        policy.write_text(POLICY.format(url=redis_server.url, acme=sha(ACME_KEY), globex=sha(GLOBEX_KEY)), encoding="utf-8")
+        policy.write_text(POLICY.format(url=redis_server.url, acme=sha(ACME_KEY), globex=sha(GLOBEX_KEY), initech=sha(INITECH_KEY)), encoding="utf-8")
         with Stack(policy=policy, work_dir=work) as stack:
             yield stack, policy
 
@@ -114,6 +118,40 @@ def test_exhausted_budget_raises_rate_limit_error(budget_stack) -> None:  # type
     assert raised.value.status_code == 429
     assert raised.value.body["code"] == "extguard_budget_exhausted"
     assert 1 <= int(raised.value.response.headers["retry-after"]) <= 25 * 3600
+
+
+def test_concurrent_requests_never_overspend(budget_stack) -> None:  # type: ignore[no-untyped-def]
+    """200 concurrent requests through Envoy against a budget with room for exactly 10.
+
+    Each request's estimate (40 characters of prompt at 4 per token, plus max_tokens 30) equals
+    what the mock bills for it (10 + 30 tokens), and the check and the reservation are one Lua
+    script. So the bound is exact: 10 requests pass, whatever their order, and the rest get 429.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    stack, policy = budget_stack
+    billed_before = billed(stack)
+    oai = client(stack, INITECH_KEY)
+
+    def attempt(index: int) -> str:
+        prompt = f"{index:03d} " + "x" * 36
+        try:
+            oai.chat.completions.create(
+                model="gpt-4o-mini", max_tokens=30, messages=[{"role": "user", "content": prompt}],
+                extra_body={"mock": {"reply": "y" * 120}},
+            )  # fmt: skip
+        except openai.RateLimitError:
+            return "429"
+        return "ok"
+
+    with ThreadPoolExecutor(max_workers=50) as pool:
+        outcomes = list(pool.map(attempt, range(200)))
+    spent = settled(policy, "initech")
+
+    assert outcomes.count("ok") == 10
+    assert outcomes.count("429") == 190
+    assert spent["total_tokens"] == 400
+    assert billed(stack)["requests"] - billed_before["requests"] == 10
 
 
 def test_model_not_allowed_is_403(budget_stack) -> None:  # type: ignore[no-untyped-def]

@@ -8,9 +8,10 @@ start of its body) before anything goes upstream. The response is one of:
   its windows is reached, or 503 when the budget store cannot be reached and its failure mode is
   `closed`;
 - OK, with `x-extguard-tenant` and `x-extguard-user` set for the upstream and the ext_proc stage
-  (client-sent copies are removed, so nobody can claim another tenant), the same in dynamic
-  metadata under `extguard`, the tenant's `rate_limits` in dynamic metadata for Envoy's rate
-  limiter, and `x-extguard-budget-warning` for the client at a soft limit.
+  (client-sent copies are removed, so nobody can claim another tenant), the same and the budget
+  state (`ok`, `soft_limit`, `unchecked` or `none`) in dynamic metadata under `extguard`, the
+  tenant's `rate_limits` in dynamic metadata for Envoy's rate limiter, and
+  `x-extguard-budget-warning` for the client at a soft limit.
 
 Without a `tenancy` section in the policy, every request is OK and nothing is added.
 """
@@ -84,7 +85,8 @@ class Authorization(auth_grpc.AuthorizationServicer):
         upstream = [(TENANT_HEADER, caller.tenant)]
         if caller.user is not None:
             upstream.append((USER_HEADER, caller.user))
-        client: list[tuple[str, str]] = []
+        budget_state = "none"  # no budget store
+        warning: str | None = None
 
         if self._budgets is not None:
             check = await self._budgets.pre_check(caller.tenant, caller.user)
@@ -93,22 +95,29 @@ class Authorization(auth_grpc.AuthorizationServicer):
                 if self._tenancy.store.failure_mode == "closed":
                     return _denied(api, 503, "The budget service is unavailable. Retry later.", ERROR_CODE_STORE)
                 upstream.append((BUDGET_HEADER, "unchecked"))
+                budget_state = "unchecked"
             elif check.exhausted is not None:
                 self._metrics.budget_decisions.labels("authz", "budget_exhausted", caller.tenant).inc()
                 spent = check.exhausted
                 message = f"Budget exhausted: the {spent.window} {spent.metric} limit of tenant {caller.tenant!r} is reached."
                 return _denied(api, 429, message, ERROR_CODE_BUDGET, retry_after_s=spent.retry_after_s)
+            else:
+                budget_state = "ok"
             if check.warnings:
-                client.append((WARNING_HEADER, "; ".join(check.warnings)))
+                warning = "; ".join(check.warnings)
+                budget_state = "soft_limit"
 
         # Client copies of the headers set here are overwritten; the others are removed. Envoy
         # applies removals after additions, so a header set here must not be removed too.
         setting = {name for name, _ in upstream}
         remove = [name for name in OWN_HEADERS if name in headers and name not in setting]
         self._metrics.budget_decisions.labels("authz", "allowed", caller.tenant).inc()
-        metadata: dict[str, Any] = {
-            METADATA_NAMESPACE: {"tenant": caller.tenant, "user": caller.user or "", "identity_source": caller.source},
-        }
+        facts = {"tenant": caller.tenant, "user": caller.user or "", "identity_source": caller.source, "budget": budget_state}
+        client = []
+        if warning is not None:
+            facts["budget_warning"] = warning
+            client.append((WARNING_HEADER, warning))
+        metadata: dict[str, Any] = {METADATA_NAMESPACE: facts}
         metadata.update((key, limit.metadata()) for key, limit in tenant.rate_limits.items())
         return _ok(upstream, remove, client, metadata)
 
