@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import collections
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 import redis.asyncio as redis
@@ -230,7 +230,7 @@ async def test_commit_spooled_while_redis_down_then_replayed() -> None:
     assert (spooled, spool_gauge, errors) == (2, 2.0, 2.0)
     assert replayed == 2
     assert state.used["total_tokens"] == 35
-    assert keeper.spool == collections.deque()
+    assert len(keeper.spool) == 0
 
 
 async def test_commit_outlives_cancelled_caller() -> None:
@@ -274,7 +274,6 @@ async def test_spool_is_bounded() -> None:
         await keeper.commit_or_spool(f"r{index}", [day()], {"total_tokens": 1}, tenant="acme")
     spooled_ids = [record.reservation_id for record in keeper.spool]
     dropped = keeper.metrics.registry.get_sample_value("extguard_budget_spool_dropped_total")
-    keeper.spool.clear()
     await keeper.close()
     server.close()
 
@@ -331,3 +330,83 @@ async def test_changed_budget_keeps_counted_usage(redis_server: RedisServer) -> 
     assert (check.exhausted.window, check.exhausted.limit) == ("tenant day", 500)
     assert reserve.rejection is not None
     assert (reserve.rejection.used, reserve.rejection.limit) == (600, 700)
+
+
+def spool_keeper(url: str, spool_file: Path, spool_max: int = 100):  # type: ignore[no-untyped-def]
+    from extguard.budget.keeper import BudgetKeeper
+    from extguard.config.tenancy import Tenancy
+
+    store = {"backend": "redis", "url": url, "timeout_ms": 300, "spool_max": spool_max, "spool_file": str(spool_file)}
+    return BudgetKeeper.from_settings(Tenancy.model_validate({"store": store, "tenants": {"acme": {}}}), {})
+
+
+async def test_spool_file_keeps_usage_across_restart(tmp_path: Path) -> None:
+    """Usage spooled while Redis is down is written to the spool file at shutdown and replayed at the next start."""
+    from extguard.budget.store import LedgerEntry
+
+    spool_file = tmp_path / "spool.jsonl"
+    server = RedisServer()  # not started yet: Redis is down
+    first = spool_keeper(server.url, spool_file)
+    await first.start()
+    await first.commit_or_spool("r1", [day()], {"total_tokens": 30}, tenant="acme", ledger=LedgerEntry("2026-12-04", "gpt-4o", 4))
+    await first.commit_or_spool("r2", [day(), day(scope="user:u1")], {"total_tokens": 5}, tenant="acme")
+    await first.close()
+    lines_after_shutdown = spool_file.read_text(encoding="utf-8").splitlines()
+
+    server.start()
+    try:
+        second = spool_keeper(server.url, spool_file)
+        await second.start()
+        await asyncio.sleep(0.3)  # the replay runs in the background
+        tenant_day, user_day = await second.store.status([day(), day(scope="user:u1")], now_ms=NOW)
+        ledger = await second.store.usage("acme", ["2026-12-04"])
+        await second.close()
+    finally:
+        server.close()
+
+    assert len(lines_after_shutdown) == 2
+    assert (tenant_day.used["total_tokens"], user_day.used["total_tokens"]) == (35, 5)
+    assert ledger["2026-12-04"]["gpt-4o"]["cached_input_tokens"] == 4
+    assert not spool_file.exists()
+
+
+async def test_spool_file_survives_crash(tmp_path: Path) -> None:
+    """Records are in the file as soon as they are spooled, so a crash without shutdown keeps them;
+    one replayed before the crash is counted once."""
+    spool_file = tmp_path / "spool.jsonl"
+    server = RedisServer(durable=True)
+    server.start()
+    try:
+        crashed = spool_keeper(server.url, spool_file)
+        await crashed.store.commit("r1", [day()], {"total_tokens": 30}, tenant="acme")  # committed before the outage
+        server.stop()
+        await crashed.commit_or_spool("r2", [day()], {"total_tokens": 5}, tenant="acme")
+        spool_file.write_text(
+            spool_file.read_text(encoding="utf-8").replace('"r2"', '"r1"', 1)  # a record that was already committed
+            + spool_file.read_text(encoding="utf-8") + '{"reservation_id": "cut sh', encoding="utf-8"
+        )  # fmt: skip
+        # No close(): the process is gone.
+        server.start()
+        restarted = spool_keeper(server.url, spool_file)
+        await restarted.start()
+        await asyncio.sleep(0.3)
+        (state,) = await restarted.store.status([day()], now_ms=NOW)
+        await restarted.close()
+        await crashed.store.close()
+    finally:
+        server.close()
+
+    assert state.used["total_tokens"] == 35
+    assert not spool_file.exists()
+
+
+async def test_spool_off_drops_usage_and_counts_it(tmp_path: Path) -> None:
+    server = RedisServer()  # never started
+    keeper = spool_keeper(server.url, tmp_path / "spool.jsonl", spool_max=0)
+    await keeper.commit_or_spool("r1", [day()], {"total_tokens": 1}, tenant="acme")
+    dropped = keeper.metrics.registry.get_sample_value("extguard_budget_spool_dropped_total")
+    await keeper.close()
+    server.close()
+
+    assert dropped == 1.0
+    assert len(keeper.spool) == 0

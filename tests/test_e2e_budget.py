@@ -347,11 +347,11 @@ def test_usage_command_rejects_unknown_tenant(budget_stack) -> None:  # type: ig
     import sys
 
     _, policy = budget_stack
-    command = [sys.executable, "-m", "extguard", "usage", "--config", str(policy), "--tenant", "initech"]
+    command = [sys.executable, "-m", "extguard", "usage", "--config", str(policy), "--tenant", "umbrella"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=60)
 
     assert result.returncode == 2
-    assert "unknown tenants ['initech']" in result.stderr
+    assert "unknown tenants ['umbrella']" in result.stderr
 
 
 OUTAGE_POLICY = """

@@ -85,6 +85,8 @@ class GuardServer:
         for engine in self.runtime.policies.deep_detectors():
             log.info("starting deep engine %s", engine.name)
             await engine.start()
+        if self.runtime.budgets is not None:
+            await self.runtime.budgets.start()
         try:
             self.port = self.server.add_insecure_port(self.settings.listen)
         except RuntimeError:

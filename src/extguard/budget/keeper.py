@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import collections
 import json
 import logging
 import urllib.request
@@ -16,6 +15,7 @@ from zoneinfo import ZoneInfo
 from extguard.budget.memory import MemoryBudgetStore
 from extguard.budget.plan import PlannedCounter, counters_for, store_limit, store_metric
 from extguard.budget.redis_store import RedisBudgetStore
+from extguard.budget.spool import Spool, SpooledCommit
 from extguard.budget.store import BudgetStore, Counter, LedgerEntry
 from extguard.config.tenancy import Price, StoreBackend, Tenancy
 from extguard.telemetry.metrics import Metrics
@@ -40,20 +40,6 @@ def _post_json(url: str, event: dict[str, object], timeout_s: float) -> None:
 
 # The webhook goes straight to its URL, never through a proxy from the environment.
 _WEBHOOK_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-@dataclass(frozen=True, slots=True)
-class _SpooledCommit:
-    """One commit that waits for the store."""
-
-    reservation_id: str
-    counters: list[Counter]
-    amounts: dict[str, int]
-    tenant: str
-    ledger: LedgerEntry | None
-
-    def send(self, store: BudgetStore) -> Awaitable[bool]:
-        return store.commit(self.reservation_id, self.counters, self.amounts, tenant=self.tenant, ledger=self.ledger)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,9 +74,8 @@ class BudgetKeeper:
         self.zone = ZoneInfo(tenancy.time_zone)
         self.timeout_s = tenancy.store.timeout_ms / 1000
         self._store_down = False
-        # Commits that failed, oldest first, replayed in order; bounded by store.spool_max.
-        self.spool: collections.deque[_SpooledCommit] = collections.deque()
-        self.spool_dropped = 0
+        # Commits that failed, oldest first; bounded by store.spool_max.
+        self.spool = Spool(tenancy.store.spool_max, tenancy.store.spool_file)
         self._replay_task: asyncio.Task[None] | None = None
         self._commits: set[asyncio.Task[None]] = set()  # commits in progress
         self._closing = False
@@ -158,13 +143,13 @@ class BudgetKeeper:
         The commit runs in a task of its own: when the caller is cancelled meanwhile (Envoy closed
         the stream while Redis was slow), the commit still finishes or goes to the spool.
         """
-        record = _SpooledCommit(reservation_id, list(counters), dict(amounts), tenant, ledger)
+        record = SpooledCommit(reservation_id, list(counters), dict(amounts), tenant, ledger)
         task = asyncio.get_running_loop().create_task(self._commit_or_spool(record))
         self._commits.add(task)
         task.add_done_callback(self._commits.discard)
         await asyncio.shield(task)
 
-    async def _commit_or_spool(self, record: _SpooledCommit) -> None:
+    async def _commit_or_spool(self, record: SpooledCommit) -> None:
         # Commits add up in any order and a repeated one counts once. So a new commit does not
         # wait behind the spool, where its reservation would hold budget until the replay.
         try:
@@ -180,11 +165,11 @@ class BudgetKeeper:
         replayed = 0
         while self.spool:
             try:
-                await self.call(self.spool[0].send(self.store))
+                await self.call(self.spool.first().send(self.store))
             except Exception as error:  # noqa: BLE001 - still down: try again later
                 self.note_store_down(error, "replay")
                 break
-            self.spool.popleft()
+            self.spool.pop_first()
             self.metrics.budget_spool.set(len(self.spool))
             self.metrics.budget_spool_replayed.inc()
             replayed += 1
@@ -193,14 +178,25 @@ class BudgetKeeper:
             log.info("replayed %d spooled budget commits; %d left", replayed, len(self.spool))
         return replayed
 
+    async def start(self) -> None:
+        """Load the commits that a previous process left in the spool file, and replay them."""
+        loaded = self.spool.load()
+        if loaded:
+            log.info("%d budget commits loaded from %s", loaded, self.spool.path)
+            self.metrics.budget_spool.set(len(self.spool))
+            self._start_replay(delay_s=0.0)
+
     async def close(self) -> None:
         self._closing = True
         if self._replay_task is not None:
             self._replay_task.cancel()
         await asyncio.gather(*self._commits, return_exceptions=True)
         await self.replay_spool()
-        if self.spool:
-            log.error("%d budget commits could not be written before shutdown", len(self.spool))
+        if self.spool and self.spool.path is not None:
+            self.spool.save()
+            log.warning("%d budget commits wait in %s for the next start", len(self.spool), self.spool.path)
+        elif self.spool:
+            log.error("%d budget commits could not be written before shutdown and are lost", len(self.spool))
         await self.store.close()
 
     def _announce_soft_limit(self, tenant: str, scope: str, period: str, metric: str, percent: int) -> None:
@@ -234,13 +230,10 @@ class BudgetKeeper:
         if self.spool:
             self._start_replay(delay_s=0.0)
 
-    def _spool(self, record: _SpooledCommit) -> None:
-        if len(self.spool) >= self.tenancy.store.spool_max:
-            self.spool.popleft()
-            self.spool_dropped += 1
+    def _spool(self, record: SpooledCommit) -> None:
+        if not self.spool.append(record):
             self.metrics.budget_spool_dropped.inc()
-            log.error("budget spool full (%d): the oldest usage record was dropped", self.tenancy.store.spool_max)
-        self.spool.append(record)
+            log.error("budget spool full (%d): the oldest usage record was dropped", self.spool.max_records)
         self.metrics.budget_spool.set(len(self.spool))
         self._start_replay(delay_s=SPOOL_RETRY_S)
 

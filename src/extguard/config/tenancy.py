@@ -176,6 +176,8 @@ class StoreSettings(_Strict):
     # (their usage is spooled and committed later).
     failure_mode: Literal["open", "closed"] = "closed"
     spool_max: int = Field(10_000, ge=0)
+    # A local file that keeps spooled usage across restarts and crashes; None: memory only.
+    spool_file: str | None = Field(None, min_length=1)
 
 
 class Webhook(_Strict):
