@@ -234,8 +234,8 @@ def read_then_leave(stream: openai.Stream, chars: int) -> str:  # type: ignore[t
 
 
 def test_mixed_requests_meter_exactly(budget_stack) -> None:  # type: ignore[no-untyped-def]
-    """1,000 concurrent requests of six kinds: OpenAI JSON, streamed with and without usage,
-    streams the client leaves midway, upstream errors, and Anthropic streams. The usage extguard
+    """1,000 concurrent requests of seven kinds: OpenAI JSON, streamed with and without usage,
+    OpenAI and Anthropic streams the client leaves midway, upstream errors, and Anthropic streams. The usage extguard
     committed equals what the mock upstream billed, token for token, and nothing stays reserved."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -284,12 +284,26 @@ def test_mixed_requests_meter_exactly(budget_stack) -> None:  # type: ignore[no-
                     model="gpt-4o-mini", max_tokens=100, messages=messages,  # type: ignore[arg-type]
                     extra_body={"mock": {"status": 500, "error_message": "upstream failed"}},
                 )  # fmt: skip
-        else:
+        elif index % 12 == 5:
             with claude.messages.stream(
                 model="claude-3-5-haiku-latest", max_tokens=100, messages=messages,  # type: ignore[arg-type]
                 extra_body={"mock": {"reply": reply, "chunk_chars": 4}},
             ) as stream:  # fmt: skip
                 assert stream.get_final_message().usage.output_tokens > 0
+        else:
+            # An Anthropic stream left midway: message_start reported the input, and its output
+            # count is only a placeholder, so the output is estimated from the text sent.
+            first, second = "word " * (index % 7 + 1), "more text " * 20
+            script = {"reply": first + second + "never sent " * 50, "split_at": [len(first), len(first + second)], "hold_after_events": 5}
+            text = ""
+            with claude.messages.stream(
+                model="claude-3-5-haiku-latest", max_tokens=500, messages=messages, extra_body={"mock": script},  # type: ignore[arg-type]
+            ) as stream:  # fmt: skip
+                for piece in stream.text_stream:
+                    text += piece
+                    if len(text) > len(first):
+                        break
+            assert len(text) > len(first)
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         list(pool.map(run, range(1000)))

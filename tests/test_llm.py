@@ -105,3 +105,47 @@ def test_anthropic_response_slots() -> None:
     payload = {"content": [{"type": "text", "text": "hi"}, {"type": "tool_use", "input": {"q": "x"}}]}
 
     assert [slot.text for slot in anthropic_response_slots(payload)] == ["hi", "x"]
+
+
+@pytest.mark.parametrize(
+    ("api", "events", "expected"),
+    [
+        # OpenAI JSON response, with prompt-cache details.
+        (OPENAI_CHAT, [("json", '{"usage": {"prompt_tokens": 20, "completion_tokens": 7, "prompt_tokens_details": {"cached_tokens": 8}}}')], (20, 7, 8)),
+        # OpenAI stream: "usage": null in every chunk but the last.
+        (OPENAI_CHAT, [(None, '{"choices": [], "usage": null}'), (None, '{"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 9}}')], (5, 9, 0)),
+        (OPENAI_CHAT, [(None, '{"choices": [{"delta": {"content": "hi"}}]}')], (None, None, 0)),
+        # Anthropic JSON response: cache reads and writes are input too.
+        (ANTHROPIC_MESSAGES, [("json", '{"type": "message", "usage": {"input_tokens": 3, "cache_read_input_tokens": 10, "cache_creation_input_tokens": 2, "output_tokens": 40}}')], (15, 40, 10)),
+        # Anthropic stream: message_start's output count is a placeholder, message_delta's is real.
+        (ANTHROPIC_MESSAGES, [("message_start", '{"type": "message_start", "message": {"usage": {"input_tokens": 12, "output_tokens": 1}}}')], (12, None, 0)),
+        (
+            ANTHROPIC_MESSAGES,
+            [
+                ("message_start", '{"type": "message_start", "message": {"usage": {"input_tokens": 12, "output_tokens": 1}}}'),
+                ("message_delta", '{"type": "message_delta", "usage": {"output_tokens": 250}}'),
+            ],
+            (12, 250, 0),
+        ),
+        (ANTHROPIC_MESSAGES, [("ping", '{"type": "ping", "usage": {"output_tokens": 99}}')], (None, None, 0)),
+        # Malformed or hostile values are ignored, not counted.
+        (OPENAI_CHAT, [("json", '{"usage": {"prompt_tokens": -4, "completion_tokens": true}}')], (None, None, 0)),
+        (OPENAI_CHAT, [(None, '{"usage": {')], (None, None, 0)),
+    ],
+    ids=["openai-json", "openai-stream", "openai-no-usage", "anthropic-json", "anthropic-start", "anthropic-delta", "anthropic-ping", "invalid-values", "truncated"],
+)
+def test_reported_usage(api, events: list[tuple[str | None, str]], expected: tuple) -> None:  # type: ignore[no-untyped-def]
+    """A JSON response ("json") or SSE events, by event name (None for OpenAI's unnamed events)."""
+    import json
+
+    from extguard.llm.sse import SseEvent
+    from extguard.llm.usage import ReportedUsage, usage_from_document, usage_from_event
+
+    reported = ReportedUsage()
+    for name, data in events:
+        if name == "json":
+            usage_from_document(api, json.loads(data), reported)
+        else:
+            usage_from_event(api, SseEvent(raw=b"", event=name, data=data), reported)
+
+    assert (reported.input_tokens, reported.output_tokens, reported.cached_input_tokens) == expected

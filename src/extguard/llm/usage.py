@@ -5,7 +5,9 @@
   the request set `stream_options.include_usage`.
 - Anthropic Messages: `usage.input_tokens` (plus `cache_read_input_tokens` and
   `cache_creation_input_tokens`, which are input too) and `usage.output_tokens`. In a stream,
-  `message_start` carries the input and `message_delta` the output so far.
+  `message_start` carries the input and `message_delta` the output so far. The output count in
+  `message_start` is a placeholder (1, or a few tokens) and is ignored, so a stream that ends
+  before `message_delta` gets its output estimated from the text.
 
 Where a provider reports nothing (a cancelled stream, a proxy that strips usage), the caller
 estimates from text at ESTIMATE_CHARS_PER_TOKEN, because no tokenizer file may be loaded.
@@ -47,8 +49,8 @@ def usage_from_document(api: Api, document: Any, reported: ReportedUsage) -> Non
         return
     if api.kind is ApiKind.ANTHROPIC_MESSAGES:
         message = document.get("message")
-        if isinstance(message, dict) and isinstance(message.get("usage"), dict):
-            _anthropic(message["usage"], reported)
+        if document.get("type") == "message_start" and isinstance(message, dict) and isinstance(message.get("usage"), dict):
+            _anthropic(message["usage"], reported, with_output=False)
         if isinstance(document.get("usage"), dict):
             _anthropic(document["usage"], reported)
         return
@@ -81,7 +83,7 @@ def usage_from_event(api: Api, event: SseEvent, reported: ReportedUsage) -> None
     usage_from_document(api, document, reported)
 
 
-def _anthropic(usage: dict[str, Any], reported: ReportedUsage) -> None:
+def _anthropic(usage: dict[str, Any], reported: ReportedUsage, *, with_output: bool = True) -> None:
     input_tokens = _int(usage.get("input_tokens"))
     if input_tokens is not None:
         cache_read = _int(usage.get("cache_read_input_tokens")) or 0
@@ -89,7 +91,7 @@ def _anthropic(usage: dict[str, Any], reported: ReportedUsage) -> None:
         reported.input_tokens = input_tokens + cache_read + cache_write
         reported.cached_input_tokens = cache_read
     output_tokens = _int(usage.get("output_tokens"))
-    if output_tokens is not None:
+    if output_tokens is not None and with_output:
         reported.output_tokens = output_tokens
 
 
