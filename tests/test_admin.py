@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 import threading
@@ -168,3 +169,60 @@ def test_usage_command_asks_running_server(admin) -> None:  # type: ignore[no-un
         "day,tenant,model,requests,input_tokens,cached_input_tokens,output_tokens,cost_usd",
         "2026-12-04,acme,gpt-4o,1,290,5,10,0.000000007",
     ]
+
+
+def extguard(*arguments: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "extguard", *arguments], capture_output=True, text=True, timeout=60)
+
+
+def test_usage_table_without_rows(admin) -> None:  # type: ignore[no-untyped-def]
+    server, _ = admin
+    result = extguard("usage", "--server", f"127.0.0.1:{server.server.admin_port}", "--from", "2026-01-01")
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "(no usage recorded for these days)"
+
+
+def test_budget_command_shows_and_resets(admin) -> None:  # type: ignore[no-untyped-def]
+    server, _ = admin
+    spend(server, 300)
+    address = f"127.0.0.1:{server.server.admin_port}"
+    before = extguard("budget", "status", "--server", address, "--tenant", "acme", "--format", "json")
+    reset = extguard("budget", "reset", "--server", address, "--tenant", "acme", "--window", "day")
+    after = extguard("budget", "status", "--server", address, "--tenant", "acme")
+
+    assert before.returncode == 0, before.stderr
+    rows = {(row["window"], row["metric"]): (row["used"], row["limit"]) for row in json.loads(before.stdout)}
+    assert rows == {("day", "total_tokens"): (300, 1000), ("month", "cost_usd"): (7e-9, 5.0)}
+    assert reset.returncode == 0, reset.stderr
+    assert reset.stdout.startswith("reset tenant period day:")
+    header, *lines = after.stdout.splitlines()
+    assert header.split() == ["scope", "window", "period", "metric", "used", "reserved", "limit", "resets_in_s"]
+    assert [line.split()[:5] for line in lines] == [["tenant", "day", lines[0].split()[2], "total_tokens", "0"], ["tenant", "month", lines[1].split()[2], "cost_usd", "0.000000"]]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "status", "words"),
+    [
+        (("status", "--tenant", "initech"), 2, "NOT_FOUND: unknown tenant 'initech'"),
+        (("reset", "--tenant", "globex", "--window", "day", "--scope", "user:bob"), 2, "NOT_FOUND"),
+    ],
+)
+def test_budget_command_errors(admin, arguments: tuple[str, ...], status: int, words: str) -> None:  # type: ignore[no-untyped-def]
+    server, _ = admin
+    result = extguard("budget", arguments[0], "--server", f"127.0.0.1:{server.server.admin_port}", *arguments[1:])
+
+    assert result.returncode == status
+    assert words in result.stderr
+
+
+def test_budget_command_without_server() -> None:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # closed again: nothing listens there
+    result = extguard("budget", "status", "--server", f"127.0.0.1:{port}", "--tenant", "acme")
+
+    assert result.returncode == 1
+    assert "UNAVAILABLE" in result.stderr

@@ -257,7 +257,9 @@ def test_no_tenancy_allows_everything(authz_for) -> None:  # type: ignore[no-unt
     assert list(response.ok_response.headers) == []
 
 
-def test_soft_limit_calls_webhook_once(authz_for) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_soft_limit_calls_webhook_once(authz_for, replicas: int) -> None:  # type: ignore[no-untyped-def]
+    """One event per window period, also when two replicas share the Redis store."""
     import http.server
     import threading
     import time
@@ -276,15 +278,18 @@ def test_soft_limit_calls_webhook_once(authz_for) -> None:  # type: ignore[no-un
     receiver = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
     threading.Thread(target=receiver.serve_forever, daemon=True).start()
     try:
-        webhook = f"\n  soft_limit_webhook: {{url: 'http://127.0.0.1:{receiver.server_port}/budget'}}"
-        client = authz_for(policy().replace("  time_zone: Europe/Berlin", "  time_zone: Europe/Berlin" + webhook))
-        client.spend("acme", 850)
-        for _ in range(3):
-            client.check({"authorization": f"Bearer {ACME_KEY}"})
-        deadline = time.monotonic() + 5
-        while not events and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.3)  # a second event, if any, would arrive by now
+        with RedisServer() as redis_server:
+            webhook = f"\n  soft_limit_webhook: {{url: 'http://127.0.0.1:{receiver.server_port}/budget'}}"
+            text = policy(store=f"{{backend: redis, url: '{redis_server.url}'}}")
+            clients = [authz_for(text.replace("  time_zone: Europe/Berlin", "  time_zone: Europe/Berlin" + webhook)) for _ in range(replicas)]
+            clients[0].spend("acme", 850)
+            for _ in range(3):
+                for client in clients:
+                    client.check({"authorization": f"Bearer {ACME_KEY}"})
+            deadline = time.monotonic() + 5
+            while not events and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.3)  # a second event, if any, would arrive by now
     finally:
         receiver.shutdown()
 

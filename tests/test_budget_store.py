@@ -133,6 +133,12 @@ async def test_counter_without_limit_only_counts(store: BudgetStore) -> None:
     assert (unlimited.reserved["total_tokens"], limited.reserved["total_tokens"]) == (0, 0)
 
 
+async def test_mark_once_first_caller_only(store: BudgetStore) -> None:
+    assert await store.mark_once("acme", "soft:tenant:day:2026-12-04:total_tokens", 60)
+    assert not await store.mark_once("acme", "soft:tenant:day:2026-12-04:total_tokens", 60)
+    assert await store.mark_once("globex", "soft:tenant:day:2026-12-04:total_tokens", 60)
+
+
 async def test_tenants_do_not_share_counters(store: BudgetStore) -> None:
     await store.reserve("r1", [day(tenant="acme")], {"total_tokens": 100}, now_ms=NOW, expires_at_ms=LATER)
     other = await store.reserve("r2", [day(tenant="globex")], {"total_tokens": 100}, now_ms=NOW, expires_at_ms=LATER)
@@ -410,3 +416,23 @@ async def test_spool_off_drops_usage_and_counts_it(tmp_path: Path) -> None:
 
     assert dropped == 1.0
     assert len(keeper.spool) == 0
+
+
+async def test_cost_budget_rejection_and_unpriced_model(caplog: pytest.LogCaptureFixture) -> None:
+    """A cost budget's 429 names cost_usd, not the store's nano-USD, and a model without a price is logged once."""
+    from extguard.budget.keeper import BudgetKeeper
+    from extguard.budget.meter import Meter
+    from extguard.config.tenancy import Price, Tenancy
+
+    tenancy = Tenancy.model_validate({"tenants": {"acme": {"budgets": [{"window": "day", "metric": "cost_usd", "limit": 0.001}]}}})
+    keeper = BudgetKeeper(tenancy, {"gpt-4o*": Price(input=2.5, output=10)}, MemoryBudgetStore())
+    # 400 characters (100 tokens) at 2.5 USD and 1000 output tokens at 10 USD per million: 0.01025 USD.
+    priced = await Meter(keeper, "acme", None, "request-1").reserve("gpt-4o-mini", {"max_tokens": 1000}, 400)
+    caplog.set_level("WARNING", logger="extguard.budget")
+    unpriced = [await Meter(keeper, "acme", None, f"request-{n}").reserve("mystery-model", {"max_tokens": 1000}, 400) for n in (2, 3)]
+    await keeper.close()
+
+    assert (priced.status, priced.code) == (429, "extguard_budget_exhausted")
+    assert "tenant day cost_usd limit of tenant 'acme'" in priced.message
+    assert [admission.admitted for admission in unpriced] == [True, True]
+    assert caplog.text.count("model 'mystery-model' has no entry in the pricing table") == 1

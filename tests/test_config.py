@@ -232,8 +232,8 @@ def test_rate_limits_take_envoy_units_in_any_case() -> None:
 @pytest.mark.parametrize(
     "entry, words",
     [
-        ("extguard: {requests_per_unit: 1, unit: minute}", "rate limit key 'extguard'"),
-        ("'a b': {requests_per_unit: 1, unit: minute}", "rate limit key 'a b'"),
+        ("extguard: {requests_per_unit: 1, unit: minute}", "invalid rate limit key 'extguard'"),
+        ("{'a b': {requests_per_unit: 1, unit: minute}, 'c!': {requests_per_unit: 1, unit: minute}}", "invalid rate limit key 'a b', 'c!'"),
         ("requests: {requests_per_unit: 1, unit: fortnight}", "unit"),
         ("requests: {requests_per_unit: 4294967296, unit: minute}", "requests_per_unit"),
         ("requests: {requests: 1, unit: minute}", "requests_per_unit"),
@@ -241,7 +241,43 @@ def test_rate_limits_take_envoy_units_in_any_case() -> None:
 )
 def test_invalid_rate_limit_reported(entry: str, words: str) -> None:
     text = f"tenancy:\n  tenants:\n    acme:\n      rate_limits:\n        {entry}\n"
+    if entry.startswith("{"):
+        text = f"tenancy:\n  tenants:\n    acme:\n      rate_limits: {entry}\n"
     with pytest.raises(PolicyError) as raised:
         parse(text)
 
     assert any(words in error and "rate_limits" in error for error in raised.value.errors)
+
+
+def test_duplicate_api_key_reported_with_other_errors() -> None:
+    text = f"""tenancy:
+  store: {{timeout_ms: -1}}
+  tenants:
+    acme:
+      api_keys: [{{sha256: {"a" * 64}}}]
+    globex:
+      api_keys: [{{sha256: {"A" * 64}}}]
+"""
+    with pytest.raises(PolicyError) as raised:
+        parse(text)
+    errors = raised.value.errors
+
+    assert any(e.startswith("policy.yaml:2: tenancy.store.timeout_ms:") for e in errors)
+    assert any(
+        e.startswith("policy.yaml:7: tenancy.tenants.globex.api_keys[0].sha256:") and "tenants 'acme' and 'globex'" in e for e in errors
+    )
+    assert len(errors) == 2
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:s3cret@127.0.0.1:6379/0", "redis://:***@127.0.0.1:6379/0"),
+        ("rediss://app:s3cret@cache.internal:6380/2", "rediss://app:***@cache.internal:6380/2"),
+        ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+    ],
+)
+def test_store_url_shown_without_password(url: str, shown: str) -> None:
+    from extguard.config.tenancy import StoreSettings
+
+    assert StoreSettings(url=url).display_url == shown

@@ -1,4 +1,4 @@
-"""The `extguard` command: serve, check-config, scan, eval, usage, demo, mock-upstream."""
+"""The `extguard` command: serve, check-config, scan, eval, usage, budget, demo, mock-upstream."""
 
 from __future__ import annotations
 
@@ -191,6 +191,18 @@ def _run_eval(args: argparse.Namespace) -> int:
     return run_eval(args)
 
 
+def _add_budget(commands: argparse._SubParsersAction) -> None:
+    from extguard.budget.admin_cli import add_budget_parser
+
+    add_budget_parser(commands)
+
+
+def _run_budget(args: argparse.Namespace) -> int:
+    from extguard.budget.admin_cli import run_budget
+
+    return run_budget(args)
+
+
 def _add_usage(commands: argparse._SubParsersAction) -> None:
     from extguard.budget.usage_cli import add_usage_parser
 
@@ -206,6 +218,7 @@ def _run_usage(args: argparse.Namespace) -> int:
 _COMMANDS = {
     "serve": (_add_serve, _run_serve),
     "usage": (_add_usage, _run_usage),
+    "budget": (_add_budget, _run_budget),
     "check-config": (_add_check_config, _run_check_config),
     "scan": (_add_scan, _run_scan),
     "eval": (_add_eval, _run_eval),

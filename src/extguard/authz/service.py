@@ -100,6 +100,7 @@ class Authorization(auth_grpc.AuthorizationServicer):
                 self._metrics.budget_decisions.labels("authz", "budget_exhausted", caller.tenant).inc()
                 spent = check.exhausted
                 message = f"Budget exhausted: the {spent.window} {spent.metric} limit of tenant {caller.tenant!r} is reached."
+                log.info("request %s rejected: %s", headers.get("x-request-id", "-"), message)
                 return _denied(api, 429, message, ERROR_CODE_BUDGET, retry_after_s=spent.retry_after_s)
             else:
                 budget_state = "ok"

@@ -7,13 +7,13 @@ import json
 import logging
 import urllib.request
 from collections.abc import Awaitable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import TypeVar
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
 from extguard.budget.memory import MemoryBudgetStore
-from extguard.budget.plan import PlannedCounter, counters_for, store_limit, store_metric
+from extguard.budget.plan import PlannedCounter, counters_for, price_for, store_limit, store_metric
 from extguard.budget.redis_store import RedisBudgetStore
 from extguard.budget.spool import Spool, SpooledCommit
 from extguard.budget.store import BudgetStore, Counter, LedgerEntry
@@ -24,6 +24,9 @@ log = logging.getLogger("extguard.budget")
 T = TypeVar("T")
 # Seconds between attempts to replay spooled commits while the store is down.
 SPOOL_RETRY_S = 1.0
+# Soft-limit crossings remembered in memory before the set is cleared, to bound it.
+MAX_ANNOUNCED = 10_000
+MAX_UNPRICED_LOGGED = 100
 
 
 def _post_json(url: str, event: dict[str, object], timeout_s: float) -> None:
@@ -40,6 +43,17 @@ def _post_json(url: str, event: dict[str, object], timeout_s: float) -> None:
 
 # The webhook goes straight to its URL, never through a proxy from the environment.
 _WEBHOOK_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+@dataclass(frozen=True, slots=True)
+class SoftLimit:
+    """The first crossing of a soft limit in one window period."""
+
+    tenant: str
+    scope: str
+    period: str
+    metric: str
+    percent: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +94,7 @@ class BudgetKeeper:
         self._commits: set[asyncio.Task[None]] = set()  # commits in progress
         self._closing = False
         self._announced: set[tuple[str, str, str, str]] = set()  # soft limits already reported
+        self._unpriced: set[str | None] = set()  # models without a price, already logged
         self._webhook_tasks: set[asyncio.Task[None]] = set()
 
     @classmethod
@@ -90,6 +105,15 @@ class BudgetKeeper:
         else:
             store = MemoryBudgetStore()
         return cls(tenancy, pricing, store, metrics)
+
+    def price(self, model: str | None) -> Price | None:
+        """Return the price of `model`; log once per model when a pricing table has none for it."""
+        price = price_for(model, self.pricing)
+        # Clients choose model names, so the set of logged names is bounded.
+        if price is None and self.pricing and model not in self._unpriced and len(self._unpriced) < MAX_UNPRICED_LOGGED:
+            self._unpriced.add(model)
+            log.warning("model %r has no entry in the pricing table, so its usage costs 0 USD in budgets and the ledger", model)
+        return price
 
     def counters(self, tenant: str, user: str | None, now: datetime | None = None) -> list[PlannedCounter]:
         """Return the counters of `tenant` and `user` at `now` (default: the current time)."""
@@ -122,7 +146,8 @@ class BudgetKeeper:
                 if budget.soft is not None and spent >= budget.soft * limit:
                     percent = int(spent * 100 / limit)
                     warnings.append(f"{item.counter.scope} {item.period.window.value} {budget.metric.value} {percent}%")
-                    self._announce_soft_limit(tenant, item.counter.scope, item.period.id, budget.metric.value, percent)
+                    announcement = SoftLimit(tenant, item.counter.scope, item.period.id, budget.metric.value, percent)
+                    self._announce_soft_limit(announcement, item.counter.ttl_s)
         return PreCheck(warnings=warnings)
 
     async def call(self, operation: Awaitable[T]) -> T:
@@ -199,21 +224,41 @@ class BudgetKeeper:
             log.error("%d budget commits could not be written before shutdown and are lost", len(self.spool))
         await self.store.close()
 
-    def _announce_soft_limit(self, tenant: str, scope: str, period: str, metric: str, percent: int) -> None:
-        """Log an audit line and call the webhook once per tenant, scope, period and metric in this process."""
-        key = (tenant, scope, period, metric)
+    def _announce_soft_limit(self, crossing: SoftLimit, ttl_s: int) -> None:
+        """Log an audit line and call the webhook once per tenant, scope, period and metric.
+
+        Once across all replicas: a marker in the store decides which replica announces. When
+        the store cannot be asked, this replica announces anyway, because a repeated audit line
+        is better than a missing one.
+        """
+        key = (crossing.tenant, crossing.scope, crossing.period, crossing.metric)
         if key in self._announced:
             return
+        if len(self._announced) >= MAX_ANNOUNCED:
+            self._announced.clear()  # periods end; a cleared key only costs one more store call
         self._announced.add(key)
-        self.metrics.budget_decisions.labels("authz", "soft_limit_reached", tenant).inc()
-        log.warning("audit budget_soft_limit tenant=%s scope=%s period=%s metric=%s percent=%d", tenant, scope, period, metric, percent)
-        webhook = self.tenancy.soft_limit_webhook
-        if webhook is None:
-            return
-        event = {"event": "budget_soft_limit", "tenant": tenant, "scope": scope, "period": period, "metric": metric, "percent": percent}
-        task = asyncio.get_running_loop().create_task(asyncio.to_thread(_post_json, webhook.url, event, webhook.timeout_ms / 1000))
+        task = asyncio.get_running_loop().create_task(self._announce_if_first(crossing, ttl_s))
         self._webhook_tasks.add(task)
         task.add_done_callback(self._webhook_tasks.discard)
+
+    async def _announce_if_first(self, crossing: SoftLimit, ttl_s: int) -> None:
+        name = f"soft:{crossing.scope}:{crossing.period}:{crossing.metric}"
+        try:
+            first = await self.call(self.store.mark_once(crossing.tenant, name, ttl_s))
+        except Exception as error:  # noqa: BLE001 - any store failure: announce from this replica
+            self.note_store_down(error, "mark_once")
+            first = True
+        if not first:
+            return
+        self.metrics.budget_decisions.labels("authz", "soft_limit_reached", crossing.tenant).inc()
+        log.warning(
+            "audit budget_soft_limit tenant=%s scope=%s period=%s metric=%s percent=%d",
+            crossing.tenant, crossing.scope, crossing.period, crossing.metric, crossing.percent,
+        )  # fmt: skip
+        webhook = self.tenancy.soft_limit_webhook
+        if webhook is not None:
+            event = {"event": "budget_soft_limit", **asdict(crossing)}
+            await asyncio.to_thread(_post_json, webhook.url, event, webhook.timeout_ms / 1000)
 
     def note_store_down(self, error: BaseException, operation: str) -> None:
         """Count a failed store call; log only the first failure of an outage."""

@@ -39,6 +39,7 @@ class MemoryBudgetStore:
     def __init__(self, clock: object = time.monotonic) -> None:
         self._counters: dict[tuple[str, str], _CounterData] = {}
         self._committed: dict[str, float] = {}
+        self._markers: dict[tuple[str, str], float] = {}  # (tenant, name) -> expiry, monotonic seconds
         self._ledger: dict[tuple[str, str], dict[str, dict[str, int]]] = {}  # (tenant, day) -> model -> metric
         self._clock = clock
 
@@ -125,6 +126,13 @@ class MemoryBudgetStore:
     async def reset(self, counter: Counter) -> None:
         self._counters.pop((counter.tenant, counter.name), None)
 
+    async def mark_once(self, tenant: str, name: str, ttl_s: int) -> bool:
+        self._drop_stale()
+        if (tenant, name) in self._markers:
+            return False
+        self._markers[(tenant, name)] = self._clock() + ttl_s  # type: ignore[operator]
+        return True
+
     async def close(self) -> None:
         self._counters.clear()
 
@@ -141,6 +149,8 @@ class MemoryBudgetStore:
             del self._counters[key]
         for reservation_id in [rid for rid, until in self._committed.items() if until <= now]:  # type: ignore[operator]
             del self._committed[reservation_id]
+        for marker in [key for key, until in self._markers.items() if until <= now]:  # type: ignore[operator]
+            del self._markers[marker]
 
 
 def _sweep(item: _CounterData, now_ms: int) -> None:

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from extguard.budget.keeper import BudgetKeeper
-from extguard.budget.plan import PlannedCounter, Usage, price_for
+from extguard.budget.plan import PlannedCounter, Usage
 from extguard.budget.store import LedgerEntry
 from extguard.llm.usage import ReportedUsage, estimate_tokens
 
@@ -60,7 +60,7 @@ class Meter:
         self.model = model
         self.input_estimate = estimate_tokens(text_chars)
         output_cap = _output_cap(payload, self.keeper.tenancy.default_max_output_tokens)
-        price = price_for(model, self.keeper.pricing)
+        price = self.keeper.price(model)
         amounts = Usage(self.input_estimate, output_cap).amounts(price)
         now = self.started = datetime.now(UTC)
         self.counters = self.keeper.counters(self.tenant, self.user, now)
@@ -92,10 +92,9 @@ class Meter:
             rejection = result.rejection
             planned = next(item for item in self.counters if item.counter == rejection.counter)
             window = f"{planned.counter.scope} {planned.period.window.value}"
-            message = (
-                f"Budget exhausted: this request would pass the {window} {rejection.metric} limit of "
-                f"tenant {self.tenant!r}."
-            )
+            metric = "cost_usd" if rejection.metric == "cost_nanousd" else rejection.metric
+            message = f"Budget exhausted: this request would pass the {window} {metric} limit of tenant {self.tenant!r}."
+            log.info("request %s rejected: %s", self.request_id, message)
             return Admission(False, 429, message, "extguard_budget_exhausted", planned.period.seconds_left(now))
         self.reserved = True
         self.keeper.metrics.budget_decisions.labels("reserve", "admitted", self.tenant).inc()
@@ -115,7 +114,7 @@ class Meter:
             return
         self.settled = True
         usage = self.usage(reported, output_chars)
-        amounts = usage.amounts(price_for(self.model, self.keeper.pricing))
+        amounts = usage.amounts(self.keeper.price(self.model))
         day = self.started.astimezone(self.keeper.zone).date().isoformat()
         ledger = LedgerEntry(day, self.model or "unknown", min(usage.cached_input_tokens, usage.input_tokens))
         counters = [item.counter for item in self.counters]

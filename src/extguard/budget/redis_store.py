@@ -288,6 +288,9 @@ class RedisBudgetStore:
     async def reset(self, counter: Counter) -> None:
         await self._client.delete(*counter_keys(counter))
 
+    async def mark_once(self, tenant: str, name: str, ttl_s: int) -> bool:
+        return bool(await self._client.set(f"eg:{{{tenant}}}:once:{name}", "1", nx=True, ex=max(ttl_s, 1)))
+
     async def close(self) -> None:
         await self._client.aclose()
 

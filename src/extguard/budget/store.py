@@ -128,6 +128,10 @@ class BudgetStore(Protocol):
         """Drop the counter's used and reserved amounts, so its period starts again from zero."""
         ...
 
+    async def mark_once(self, tenant: str, name: str, ttl_s: int) -> bool:
+        """Set the marker `name` of `tenant` for `ttl_s`; return True only for the caller that set it first."""
+        ...
+
     async def close(self) -> None: ...
 
 

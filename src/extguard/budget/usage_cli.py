@@ -52,7 +52,11 @@ def run_usage(args: argparse.Namespace) -> int:
         print(f"error: {args.config} has no tenancy section, so there is no usage to show", file=sys.stderr)
         return 2
     if tenancy.store.backend is not StoreBackend.REDIS:
-        print("error: the memory store lives inside the server process; usage can be read from a redis store only", file=sys.stderr)
+        print(
+            "error: the memory store lives inside the server process, so --config can read only a redis store; "
+            "use --server with the address of `extguard serve --admin-listen`",
+            file=sys.stderr,
+        )
         return 2
 
     today = datetime.now(UTC).astimezone(ZoneInfo(tenancy.time_zone)).date()
@@ -72,7 +76,8 @@ def run_usage(args: argparse.Namespace) -> int:
     try:
         rows = asyncio.run(_rows(keeper, tenants, days))
     except Exception as error:  # noqa: BLE001 - report any store failure in one line
-        print(f"error: cannot read the budget store at {tenancy.store.url}: {type(error).__name__}: {error}", file=sys.stderr)
+        reason = str(error) or f"no answer within {tenancy.store.timeout_ms:g} ms (tenancy.store.timeout_ms)"
+        print(f"error: cannot read the budget store at {tenancy.store.display_url}: {type(error).__name__}: {reason}", file=sys.stderr)
         return 1
     _print(rows, args.format)
     return 0
@@ -95,7 +100,7 @@ def _run_remote(args: argparse.Namespace) -> int:
                     rows.append({column: getattr(row, column) for column in COLUMNS})
         except grpc.RpcError as error:
             print(f"error: {args.server}: {error.code().name}: {error.details()}", file=sys.stderr)
-            return 1
+            return 2 if error.code().name in ("INVALID_ARGUMENT", "NOT_FOUND") else 1
     _print(rows, args.format)
     return 0
 
@@ -126,7 +131,7 @@ def _print(rows: list[dict[str, Any]], output: str) -> None:
         writer.writerow(header)
         writer.writerows(lines)
         return
-    widths = [max(len(header[index]), *(len(line[index]) for line in lines)) for index in range(len(header))]
+    widths = [max([len(header[index]), *(len(line[index]) for line in lines)]) for index in range(len(header))]
     print("  ".join(title.ljust(width) for title, width in zip(header, widths, strict=True)))
     for line in lines:
         print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)))

@@ -22,7 +22,7 @@ from extguard.config.policy import (
     Route,
     Rule,
 )
-from extguard.config.tenancy import Price, Tenancy
+from extguard.config.tenancy import DUPLICATE_API_KEY, Price, Tenancy, duplicate_key_message
 from extguard.scan.engine import Action, AllowList, ScanRule
 from extguard.scan.deep_detector import LLM_GUARD_ENTITY_TYPES, PRESIDIO_ENTITY_TYPES, DeepDetector, is_deep
 from extguard.scan.findings import Detector
@@ -138,11 +138,14 @@ def parse_policy(text: str, detectors: dict[str, Detector], *, source: str = "<p
     try:
         policy_file = PolicyFile.model_validate(data)
     except ValidationError as error:
-        errors.extend(_format_pydantic_error(item, lines, source) for item in error.errors())
+        # Duplicate API keys are found on the raw document below, also beside other errors.
+        items = [item for item in error.errors() if item["type"] != DUPLICATE_API_KEY]
+        errors.extend(_format_pydantic_error(item, lines, source) for item in items)
     engines = policy_file.deep_engines if policy_file is not None else DeepEngines()
     detectors = {**detectors, **_deep_detectors(engines)}
     unavailable = {} if engines.llm_guard else {"llm_guard": "needs `deep_engines.llm_guard.model_path` at the top level"}
     errors.extend(_reference_errors(data, detectors, unavailable, lines, source))
+    errors.extend(_duplicate_key_errors(data, lines, source))
     if errors or policy_file is None:
         raise PolicyError(source, errors)
 
@@ -196,6 +199,28 @@ def _reference_errors(
         if isinstance(route_name, str) and route_name in seen_names:
             errors.append(_located(("routes", index, "name"), lines, source, f"duplicate route name {route_name!r}"))
         seen_names.add(route_name)
+    return errors
+
+
+def _duplicate_key_errors(data: Any, lines: dict[tuple[Any, ...], int], source: str) -> list[str]:
+    """Return an error for each API key hash listed again, at the line of the repeat."""
+    tenancy = data.get("tenancy") if isinstance(data, dict) else None
+    tenants = tenancy.get("tenants") if isinstance(tenancy, dict) else None
+    if not isinstance(tenants, dict):
+        return []
+    errors: list[str] = []
+    owners: dict[str, str] = {}
+    for name, tenant in tenants.items():
+        keys = tenant.get("api_keys") if isinstance(tenant, dict) else None
+        for index, key in enumerate(keys if isinstance(keys, list) else []):
+            digest = key.get("sha256") if isinstance(key, dict) else None
+            if not isinstance(digest, str):
+                continue
+            digest = digest.lower()
+            if digest in owners:
+                location = ("tenancy", "tenants", name, "api_keys", index, "sha256")
+                errors.append(_located(location, lines, source, duplicate_key_message(digest, owners[digest], str(name))))
+            owners.setdefault(digest, str(name))
     return errors
 
 

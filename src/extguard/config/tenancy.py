@@ -28,9 +28,11 @@ from __future__ import annotations
 import enum
 import fnmatch
 import re
+import urllib.parse
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from extguard.budget.windows import Window
 
@@ -125,12 +127,12 @@ class Tenant(_Strict):
     @field_validator("rate_limits")
     @classmethod
     def _metadata_keys(cls, limits: dict[str, RateLimit]) -> dict[str, RateLimit]:
-        for key in limits:
-            if not _METADATA_KEY.fullmatch(key) or key in RESERVED_METADATA_KEYS:
-                raise ValueError(
-                    f"rate limit key {key!r} must be letters, digits, '_', '-' or '.', and not one of "
-                    f"{sorted(RESERVED_METADATA_KEYS)}"
-                )
+        invalid = [key for key in limits if not _METADATA_KEY.fullmatch(key) or key in RESERVED_METADATA_KEYS]
+        if invalid:
+            names = ", ".join(repr(key) for key in invalid)
+            raise ValueError(
+                f"invalid rate limit key {names}: a key is letters, digits, '_', '-' or '.', and not one of {sorted(RESERVED_METADATA_KEYS)}"
+            )
         return limits
 
     def allows_model(self, model: str | None) -> bool:
@@ -179,6 +181,15 @@ class StoreSettings(_Strict):
     # A local file that keeps spooled usage across restarts and crashes; None: memory only.
     spool_file: str | None = Field(None, min_length=1)
 
+    @property
+    def display_url(self) -> str:
+        """Return `url` with its password replaced by ***, for messages and logs."""
+        parts = urllib.parse.urlsplit(self.url)
+        if parts.password is None:
+            return self.url
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+        return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
 
 class Webhook(_Strict):
     url: str = Field(pattern=r"^https?://")  # called with POST and a JSON event
@@ -208,13 +219,21 @@ class Tenancy(_Strict):
 
     @model_validator(mode="after")
     def _unique_keys(self) -> Tenancy:
-        seen: set[str] = set()
-        for tenant in self.tenants.values():
+        owners: dict[str, str] = {}
+        for name, tenant in self.tenants.items():
             for key in tenant.api_keys:
-                if key.sha256 in seen:
-                    raise ValueError(f"API key sha256 {key.sha256[:12]}... is listed more than once")
-                seen.add(key.sha256)
+                if key.sha256 in owners:
+                    raise PydanticCustomError(DUPLICATE_API_KEY, duplicate_key_message(key.sha256, owners[key.sha256], name))
+                owners[key.sha256] = name
         return self
+
+
+DUPLICATE_API_KEY = "duplicate_api_key"  # the error type, which the policy loader reports with its line
+
+
+def duplicate_key_message(digest: str, first: str, second: str) -> str:
+    where = f"tenant {first!r} twice" if first == second else f"tenants {first!r} and {second!r}"
+    return f"API key sha256 {digest[:12]}... is listed for {where}; each key must identify one tenant"
 
 
 class Price(_Strict):
