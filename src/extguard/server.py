@@ -23,6 +23,7 @@ from extguard.extproc.service import ExternalProcessor
 from extguard.scan.detectors import default_detectors
 from extguard.scan.redact import Masker
 from extguard.telemetry.metrics import Metrics
+from extguard.telemetry.tracing import build_tracer
 from extguard.v1 import admin_pb2_grpc
 
 log = logging.getLogger("extguard.server")
@@ -48,7 +49,11 @@ def build_runtime(policy_path: str | Path, metrics: Metrics | None = None) -> Ru
     budgets = None
     if policies.tenancy is not None:
         budgets = BudgetKeeper.from_settings(policies.tenancy, policies.pricing, metrics)
-    return Runtime(policies=policies, masker=Masker(policies.hash_key), metrics=metrics, budgets=budgets)
+    tracer, provider = build_tracer()
+    return Runtime(
+        policies=policies, masker=Masker(policies.hash_key), metrics=metrics, budgets=budgets,
+        tracer=tracer, tracer_provider=provider,
+    )  # fmt: skip
 
 
 class GuardServer:
@@ -66,7 +71,7 @@ class GuardServer:
         ]
         self.server = grpc.aio.server(options=options)
         ext_proc_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(runtime), self.server)
-        authorization = Authorization(runtime.policies.tenancy, runtime.budgets, runtime.metrics)
+        authorization = Authorization(runtime.policies.tenancy, runtime.budgets, runtime.metrics, runtime.tracer)
         auth_grpc.add_AuthorizationServicer_to_server(authorization, self.server)
         # The admin API can reset budgets, so it gets its own server and address.
         self.admin_server: grpc.aio.Server | None = None
@@ -116,6 +121,8 @@ class GuardServer:
             engine.close()
         if self.runtime.budgets is not None:
             await self.runtime.budgets.close()
+        if self.runtime.tracer_provider is not None:
+            self.runtime.tracer_provider.shutdown()  # exports the spans still in the batch
 
 
 def split_host_port(address: str, option: str = "address") -> tuple[str, int]:

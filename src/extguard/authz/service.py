@@ -27,7 +27,9 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2 as auth
 from envoy.service.auth.v3 import external_auth_pb2_grpc as auth_grpc
 from envoy.type.v3 import http_status_pb2
-from google.protobuf import struct_pb2
+from google.protobuf import json_format, struct_pb2
+from opentelemetry import trace
+from opentelemetry.trace import NoOpTracer, SpanKind, Status, StatusCode, Tracer
 from google.rpc import code_pb2, status_pb2
 
 from extguard.authz.identity import Caller, Identifier, UnknownCaller
@@ -35,6 +37,7 @@ from extguard.budget.keeper import BudgetKeeper
 from extguard.config.tenancy import Tenancy
 from extguard.llm.apis import OPENAI_CHAT, Api, api_for_path
 from extguard.telemetry.metrics import Metrics
+from extguard.telemetry.tracing import SPAN_AUTHZ, parent_context, set_attributes
 
 log = logging.getLogger("extguard.authz")
 
@@ -55,15 +58,26 @@ ERROR_CODE_STORE = "extguard_budget_unavailable"
 
 
 class Authorization(auth_grpc.AuthorizationServicer):
-    def __init__(self, tenancy: Tenancy | None, budgets: BudgetKeeper | None, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, tenancy: Tenancy | None, budgets: BudgetKeeper | None, metrics: Metrics | None = None, tracer: Tracer | None = None
+    ) -> None:
         self._metrics = metrics if metrics is not None else Metrics()
         self._tenancy = tenancy
         self._identifier = Identifier(tenancy) if tenancy is not None else None
         self._budgets = budgets
+        self._tracer = tracer if tracer is not None else NoOpTracer()
 
     async def Check(self, request: auth.CheckRequest, context: grpc.aio.ServicerContext) -> auth.CheckResponse:  # noqa: N802 - gRPC method name
         http = request.attributes.request.http
         headers = {name.lower(): value for name, value in http.headers.items()}
+        parent = parent_context(context.invocation_metadata(), headers if "traceparent" in headers else None)
+        with self._tracer.start_as_current_span(SPAN_AUTHZ, context=parent, kind=SpanKind.SERVER) as span:
+            response = await self._check(request, headers)
+            _describe_on_span(span, response)
+            return response
+
+    async def _check(self, request: auth.CheckRequest, headers: dict[str, str]) -> auth.CheckResponse:
+        http = request.attributes.request.http
         api = api_for_path(http.path) or OPENAI_CHAT
         if self._tenancy is None or self._identifier is None:
             return _ok([], [], [], {})
@@ -121,6 +135,24 @@ class Authorization(auth_grpc.AuthorizationServicer):
         metadata: dict[str, Any] = {METADATA_NAMESPACE: facts}
         metadata.update((key, limit.metadata()) for key, limit in tenant.rate_limits.items())
         return _ok(upstream, remove, client, metadata)
+
+
+def _describe_on_span(span: trace.Span, response: auth.CheckResponse) -> None:
+    """Copy the decision onto the authz span: status, tenant, budget state. No identities or keys."""
+    if not span.is_recording():
+        return
+    if response.HasField("denied_response"):
+        status = int(response.denied_response.status.code)
+        span.set_attributes({"http.response.status_code": status, "extguard.authz.decision": "denied"})
+        span.set_status(Status(StatusCode.ERROR, f"denied with {status}"))
+        return
+    facts = json_format.MessageToDict(response.dynamic_metadata).get(METADATA_NAMESPACE, {})
+    set_attributes(span, {
+        "extguard.authz.decision": "allowed",
+        "extguard.tenant": facts.get("tenant"),
+        "extguard.identity_source": facts.get("identity_source"),
+        "extguard.budget.state": facts.get("budget"),
+    })  # fmt: skip
 
 
 def _model_from_body(http: Any) -> str | None:

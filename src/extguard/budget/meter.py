@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from extguard.budget.keeper import BudgetKeeper
-from extguard.budget.plan import PlannedCounter, Usage
+from extguard.budget.plan import NANOS_PER_USD, PlannedCounter, Usage
 from extguard.budget.store import LedgerEntry
 from extguard.llm.usage import ReportedUsage, estimate_tokens
 
@@ -33,6 +33,15 @@ class Admission:
     message: str = ""
     code: str = ""
     retry_after_s: int | None = None
+    checked: bool = True  # False: admitted without a check, because the store was down (mode open)
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    """The usage a request committed, and its cost in USD."""
+
+    usage: Usage
+    cost_usd: float
 
 
 class Meter:
@@ -84,7 +93,7 @@ class Meter:
             # Admitted unchecked: nothing was reserved, but the usage is still committed (or
             # spooled until the store is back).
             self.reserved = True
-            return Admission(True)
+            return Admission(True, checked=False)
         self.keeper.note_store_up()
 
         if result.rejection is not None:
@@ -108,10 +117,13 @@ class Meter:
         output_tokens = reported.output_tokens if reported.output_tokens is not None else estimate_tokens(output_chars)
         return Usage(input_tokens, output_tokens, reported.cached_input_tokens)
 
-    async def settle(self, reported: ReportedUsage, output_chars: int) -> None:
-        """Commit the usage and release the rest of the reservation; spool it when the store fails."""
+    async def settle(self, reported: ReportedUsage, output_chars: int) -> Committed:
+        """Commit the usage and release the rest of the reservation; spool it when the store fails.
+
+        Return what was committed; a second call commits nothing and returns zero usage.
+        """
         if self.settled:
-            return
+            return Committed(Usage(), 0.0)
         self.settled = True
         usage = self.usage(reported, output_chars)
         amounts = usage.amounts(self.keeper.price(self.model))
@@ -125,6 +137,7 @@ class Meter:
             self.request_id, self.tenant, usage.input_tokens, usage.output_tokens,
         )  # fmt: skip
         await self.keeper.commit_or_spool(self.reservation_id, counters, amounts, tenant=self.tenant, ledger=ledger)
+        return Committed(usage, amounts["cost_nanousd"] / NANOS_PER_USD)
 
 
 def _output_cap(payload: dict[str, Any], default: int) -> int:

@@ -20,7 +20,7 @@ import logging
 import traceback
 import zlib
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from collections.abc import Callable
 from typing import Any
 
@@ -29,7 +29,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
 from extguard.config.loader import PolicySet, ResolvedPolicy
 from extguard.config.policy import FailureMode, OnBadInput
 from extguard.extproc import messages
-from extguard.llm.apis import ERROR_CODE_BAD_INPUT, ERROR_CODE_BLOCKED, ERROR_CODE_INTERNAL, OPENAI_CHAT, Api, api_for_path
+from extguard.llm.apis import ERROR_CODE_BAD_INPUT, ERROR_CODE_BLOCKED, ERROR_CODE_INTERNAL, OPENAI_CHAT, Api, ApiKind, api_for_path
 from extguard.llm.payloads import TextSlot
 from extguard.llm.streams import StreamRewriter, stream_rewriter_for
 from extguard.scan.deep import DeepEngineError, DeepEngineTimeout
@@ -43,6 +43,10 @@ from extguard.scan.findings import Finding
 from extguard.scan.redact import Masker, PseudonymVault
 from extguard.scan.stream import StreamGuard
 from extguard.telemetry.metrics import Metrics
+from extguard.telemetry.request_trace import GuardStage, RequestTrace
+from extguard.telemetry.tracing import SPAN_RESERVE
+
+from opentelemetry.trace import NoOpTracer, Tracer
 
 log = logging.getLogger("extguard.extproc")
 
@@ -66,12 +70,14 @@ _JSON_HEADERS = {"content-type": "application/json"}
 
 @dataclass(frozen=True, slots=True)
 class Runtime:
-    """State shared by all exchanges: the policies, the masker and the metrics. Immutable."""
+    """State shared by all exchanges: the policies, the masker, metrics and tracer. Immutable."""
 
     policies: PolicySet
     masker: Masker
     metrics: Metrics
     budgets: BudgetKeeper | None = None  # None: the policy has no tenancy section
+    tracer: Tracer = field(default_factory=NoOpTracer)
+    tracer_provider: Any = None  # flushed and shut down with the server; None when tracing is off
 
 
 class DeepScanFailed(Exception):
@@ -95,8 +101,10 @@ class BadInput(Exception):
 class Exchange:
     """One HTTP request and its response; created per Process stream, never shared."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, grpc_metadata: Any = None) -> None:
         self.runtime = runtime
+        self.trace = RequestTrace(runtime.tracer, grpc_metadata)
+        self.response_stage: GuardStage | None = None
         self.request_id = "-"
         self.path = ""
         self.api: Api | None = None
@@ -160,6 +168,7 @@ class Exchange:
         values = messages.header_map(headers)
         self.request_id = values.get("x-request-id", "-")
         self.path = values.get(":path", "")
+        self.trace.begin(values, self.request_id, self.path)
         self.api = api_for_path(self.path)
         self.policy = self.runtime.policies.select(self.path, None)
         self.request_content_encoding = values.get("content-encoding", "").strip().lower()
@@ -209,13 +218,21 @@ class Exchange:
         self.policy = self.runtime.policies.select(self.path, self.model)
         if self.policy.uses_pseudonyms:
             self.vault = PseudonymVault()
+        self.trace.note_request(
+            operation="chat", provider=_provider_name(self._api(), self.path), model=self.model,
+            max_tokens=_max_tokens(payload), tenant=self.meter.tenant if self.meter is not None else None,
+        )  # fmt: skip
 
         slots = self._api().request_slots(payload)
+        stage = self.trace.request_stage()
         try:
             known = await self._deep_findings(slots, self._request_rules)
         except DeepScanFailed as failure:
+            stage.finish(blocked=True, policy=self.policy.name)
             return self._error_reply(failure.status, failure.message, ERROR_CODE_INTERNAL, "extguard_deep_scan_failed")
         hits, blocking, changed = await self._guard_slots_off_loop(slots, "request", known, len(raw))
+        stage.add_hits(hits)
+        stage.finish(blocked=bool(blocking), policy=self.policy.name)
         self._record_hits("request", hits)
         if blocking:
             return self._block_request(blocking)
@@ -234,20 +251,34 @@ class Exchange:
         if not meter.model_allowed(self.model):
             message = f"Tenant {meter.tenant!r} may not call model {self.model!r}."
             return self._error_reply(403, message, "extguard_model_not_allowed", "extguard_model_not_allowed")
+        span = self.trace.budget_span(SPAN_RESERVE)
         admission = await meter.reserve(self.model, payload, sum(len(slot.text) for slot in slots))
+        state = ("admitted" if admission.checked else "unchecked") if admission.admitted else "rejected"
+        span.set_attribute("extguard.budget.state", state)
+        span.end()
+        self.trace.note_budget(state)
         if admission.admitted:
             return None
         headers = {"retry-after": str(admission.retry_after_s)} if admission.retry_after_s is not None else {}
         return self._error_reply(admission.status, admission.message, admission.code, admission.code, headers)
 
     async def settle(self) -> None:
-        """Commit the request's usage to its budgets, once; nothing without a reservation."""
+        """Commit the request's usage to its budgets, once; without a meter, only record it."""
+        reported = self.rewriter.usage if self.rewriter is not None else self.reported
+        output_chars = self.rewriter.text_chars if self.rewriter is not None else self.output_chars
+        self.trace.note_response(model=reported.model, finish_reasons=reported.finish_reasons)
         if self.meter is None or not self.meter.reserved or self.meter.settled:
+            if self.meter is None:
+                self.trace.note_response(
+                    input_tokens=reported.input_tokens, output_tokens=reported.output_tokens,
+                    cached_input_tokens=reported.cached_input_tokens if reported.input_tokens is not None else None,
+                )  # fmt: skip
             return
-        if self.rewriter is not None:
-            await self.meter.settle(self.rewriter.usage, self.rewriter.text_chars)
-        else:
-            await self.meter.settle(self.reported, self.output_chars)
+        committed = await self.meter.settle(reported, output_chars)
+        self.trace.note_response(
+            input_tokens=committed.usage.input_tokens, output_tokens=committed.usage.output_tokens,
+            cached_input_tokens=committed.usage.cached_input_tokens, cost_usd=committed.cost_usd,
+        )  # fmt: skip
 
     def abandon(self) -> None:
         """Settle in the background when the stream ended early (client gone, reset, error)."""
@@ -343,7 +374,9 @@ class Exchange:
         encoding = values.get("content-encoding", "").strip().lower()
         # A metered request is read too, for the usage the provider reports.
         guarded = bool(self.policy.response_rules) or bool(self.vault) or self.meter is not None
-        if self.meter is not None and values.get(":status", "200")[:1] in ("4", "5"):
+        status = values.get(":status", "200")
+        self.trace.note_response(status=int(status) if status.isdigit() else None)
+        if self.meter is not None and status[:1] in ("4", "5"):
             self.meter.upstream_failed = True
 
         if content_type == "text/event-stream":
@@ -357,6 +390,7 @@ class Exchange:
 
         if encoding and encoding != "identity" and encoding not in DECODABLE_ENCODINGS:
             return self._unsupported_encoding(encoding)
+        self.response_stage = self.trace.begin_response_stage()
         self.response_content_encoding = "" if encoding == "identity" else encoding
         if self.response_kind == "json":
             self.response_body_mode = messages.BUFFERED
@@ -410,6 +444,7 @@ class Exchange:
         assert rewriter is not None
         if rewriter.blocked:
             # The stream already ended with an error event; drop what the upstream still sends.
+            self._finish_response_stage(rewriter.hits, blocked=True)
             return messages.common_reply("response_body", body=b"")
         chunk = body.body
         if self.decompressor is not None:
@@ -423,6 +458,8 @@ class Exchange:
         if body.end_of_stream:
             output += rewriter.finish()
             self._finish_stream(rewriter)
+        elif rewriter.blocked:
+            self._finish_response_stage(rewriter.hits, blocked=True)
         for kind in rewriter.problems:
             self._problem(kind, "pass" if self.policy.settings.on_bad_input is OnBadInput.PASS else "reject")
         rewriter.problems.clear()
@@ -446,6 +483,15 @@ class Exchange:
     def _finish_stream(self, rewriter: StreamRewriter) -> None:
         self.runtime.metrics.stream_held_chars.observe(rewriter.max_held_chars)
         self._record_hits("response", rewriter.hits)
+        self._finish_response_stage(rewriter.hits, blocked=rewriter.blocked)
+
+    def _finish_response_stage(self, hits: list[Hit], *, blocked: bool) -> None:
+        """Record the response scan's verdict on its span and close it, once."""
+        stage, self.response_stage = self.response_stage, None
+        if stage is None:
+            return
+        stage.add_hits(hits)
+        stage.finish(blocked=blocked, policy=self.policy.name)
 
     async def _json_response(self, body: ext_proc.HttpBody) -> ext_proc.ProcessingResponse:
         if self.response_body_mode == messages.STREAMED and not body.end_of_stream:
@@ -462,15 +508,16 @@ class Exchange:
             return self._bad_response_body(error, raw, streamed)
 
         slots = self._api().response_slots(payload)
-        if self.meter is not None:
-            usage_from_document(self._api(), payload, self.reported)
-            self.output_chars = sum(len(slot.text) for slot in slots)
-            await self.settle()
+        usage_from_document(self._api(), payload, self.reported)
+        self.output_chars = sum(len(slot.text) for slot in slots)
+        await self.settle()
         try:
             known = await self._deep_findings(slots, self._response_rules)
         except DeepScanFailed as failure:
+            self._finish_response_stage([], blocked=True)
             return self._error_reply(failure.status, failure.message, ERROR_CODE_INTERNAL, "extguard_deep_scan_failed")
         hits, blocking, changed = await self._guard_slots_off_loop(slots, "response", known, len(raw))
+        self._finish_response_stage(hits, blocked=bool(blocking))
         self._record_hits("response", hits)
         if blocking:
             return self._error_reply(502, self._block_response_message(blocking), ERROR_CODE_BLOCKED, "extguard_blocked")
@@ -612,6 +659,21 @@ _HANDLERS: dict[str, Callable[..., Any]] = {
     "response_body": Exchange.on_response_body,
     "response_trailers": Exchange.on_response_trailers,
 }
+
+
+def _provider_name(api: Api, path: str) -> str:
+    """Return the GenAI provider name for the request, by API and path."""
+    if api.kind is ApiKind.ANTHROPIC_MESSAGES:
+        return "anthropic"
+    return "azure.ai.openai" if path.startswith("/openai/deployments/") else "openai"
+
+
+def _max_tokens(payload: dict[str, Any]) -> int | None:
+    for name in ("max_completion_tokens", "max_tokens"):
+        value = payload.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
 
 
 def _family(detector: Any) -> str:

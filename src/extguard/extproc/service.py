@@ -32,12 +32,15 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):
         runtime = self.runtime
         metrics = runtime.metrics
         metrics.streams.inc()
-        exchange = Exchange(runtime)
+        exchange = Exchange(runtime, context.invocation_metadata())
 
         try:
             async for request in request_iterator:
                 started = time.perf_counter()
                 response = await exchange.handle(request)
+                facts = exchange.trace.take_metadata()
+                if facts is not None:
+                    response.dynamic_metadata.CopyFrom(facts)
                 kind = request.WhichOneof("request") or "unknown"
                 metrics.messages.labels(kind).inc()
                 metrics.message_duration.labels(kind).observe(time.perf_counter() - started)
@@ -49,3 +52,4 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):
             # A stream that ends before its response did (client gone, reset, upstream error)
             # still commits what it used.
             exchange.abandon()
+            exchange.trace.end()

@@ -166,6 +166,8 @@ class OpenAiStreamRewriter(StreamRewriter):
         for name in ("id", "created", "model", "system_fingerprint"):
             if name in chunk:
                 self._template[name] = chunk[name]
+        if self.usage.model is None:
+            self.usage.note_model(chunk.get("model"))
 
     def _rewrite_choice(self, choice: dict[str, Any]) -> bool:
         index = choice.get("index", 0)
@@ -189,6 +191,7 @@ class OpenAiStreamRewriter(StreamRewriter):
                         changed = True
 
         if choice.get("finish_reason") is not None:
+            self.usage.note_finish_reason(choice["finish_reason"])
             if not isinstance(delta, dict):
                 delta = choice["delta"] = {}
             if self._flush_into_delta(index, delta):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from extguard.llm.apis import Api, ApiKind
@@ -27,6 +27,9 @@ from extguard.llm.sse import SseEvent
 _USAGE_OBJECT = re.compile(r'"usage"\s*:\s*\{')
 # About 4 chars per token for English text with common BPE tokenizers; an estimate only.
 ESTIMATE_CHARS_PER_TOKEN = 4
+# Bounds on the response facts kept per request: they come from the upstream's payload.
+MAX_FACT_CHARS = 128
+MAX_FINISH_REASONS = 16
 
 
 def estimate_tokens(chars: int) -> int:
@@ -36,11 +39,25 @@ def estimate_tokens(chars: int) -> int:
 
 @dataclass(slots=True)
 class ReportedUsage:
-    """Usage the provider reported so far, with None for counts it did not report."""
+    """Usage the provider reported so far, with None for counts it did not report.
+
+    Also the response facts that telemetry records: the model that answered and the finish
+    reasons (OpenAI `finish_reason`, Anthropic `stop_reason`), in the order they arrived.
+    """
 
     input_tokens: int | None = None
     output_tokens: int | None = None
     cached_input_tokens: int = 0
+    model: str | None = None
+    finish_reasons: list[str] = field(default_factory=list)
+
+    def note_model(self, model: Any) -> None:
+        if isinstance(model, str) and model:
+            self.model = model[:MAX_FACT_CHARS]
+
+    def note_finish_reason(self, reason: Any) -> None:
+        if isinstance(reason, str) and reason and len(self.finish_reasons) < MAX_FINISH_REASONS:
+            self.finish_reasons.append(reason[:MAX_FACT_CHARS])
 
 
 def usage_from_document(api: Api, document: Any, reported: ReportedUsage) -> None:
@@ -49,11 +66,24 @@ def usage_from_document(api: Api, document: Any, reported: ReportedUsage) -> Non
         return
     if api.kind is ApiKind.ANTHROPIC_MESSAGES:
         message = document.get("message")
-        if document.get("type") == "message_start" and isinstance(message, dict) and isinstance(message.get("usage"), dict):
-            _anthropic(message["usage"], reported, with_output=False)
+        if document.get("type") == "message_start" and isinstance(message, dict):
+            reported.note_model(message.get("model"))
+            if isinstance(message.get("usage"), dict):
+                _anthropic(message["usage"], reported, with_output=False)
+        if document.get("type") == "message":
+            reported.note_model(document.get("model"))
+            reported.note_finish_reason(document.get("stop_reason"))
+        delta = document.get("delta")
+        if document.get("type") == "message_delta" and isinstance(delta, dict):
+            reported.note_finish_reason(delta.get("stop_reason"))
         if isinstance(document.get("usage"), dict):
             _anthropic(document["usage"], reported)
         return
+    if document.get("object") == "chat.completion":
+        reported.note_model(document.get("model"))
+        for choice in document.get("choices") or ():
+            if isinstance(choice, dict):
+                reported.note_finish_reason(choice.get("finish_reason"))
     usage = document.get("usage")
     if not isinstance(usage, dict):
         return

@@ -90,6 +90,7 @@ class Stack:
     log_level: str = "INFO"  # extguard's log level; DEBUG adds one line per request with findings
     mock_upstream: bool = True
     extra_ports: tuple[str, ...] = ()
+    otel_collector_port: int | None = None  # where Envoy exports spans; None: a free port, so they are dropped
     extra_env: dict[str, str] = field(default_factory=dict)
     # Logs and the rendered bootstrap. A folder the stack creates itself is removed by stop()
     # unless a process failed to start, so its logs can be read.
@@ -172,6 +173,7 @@ class Stack:
             "LISTEN_PORT": self.envoy_port,
             "EXTGUARD_PORT": self.extguard_port or 1,
             "UPSTREAM_PORT": self.upstream_port,
+            "OTEL_COLLECTOR_PORT": self.otel_collector_port or free_port(),
             **{name: free_port() for name in self.extra_ports},
         }
         config = render_bootstrap(template, self.work_dir / "envoy.yaml", {**self.ports, "UPSTREAM_HOST": "127.0.0.1"})
