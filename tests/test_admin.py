@@ -23,6 +23,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 POLICY = """
 tenancy:
   store: {backend: memory}
+  identity: {trusted_header: x-tenant-id, trusted_user_header: x-user-id}
   tenants:
     acme:
       budgets: [{window: day, metric: total_tokens, limit: 1000}, {window: month, metric: cost_usd, limit: 5}]

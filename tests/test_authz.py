@@ -108,6 +108,14 @@ def test_api_key_identifies_tenant(authz_for) -> None:  # type: ignore[no-untype
     metadata = json_format.MessageToDict(response.dynamic_metadata)
     assert metadata["extguard"]["tenant"] == "acme"
     assert metadata["extguard"]["budget"] == "ok"
+    assert list(response.ok_response.headers_to_remove) == ["authorization"]
+
+
+def test_api_key_kept_when_configured(authz_for) -> None:  # type: ignore[no-untyped-def]
+    response = authz_for(policy(identity="{strip_api_key: false}")).check({"x-api-key": ACME_KEY})
+
+    assert response.status.code == 0
+    assert list(response.ok_response.headers_to_remove) == []
 
 
 def test_rate_limits_in_dynamic_metadata(authz_for) -> None:  # type: ignore[no-untyped-def]

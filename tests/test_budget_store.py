@@ -436,3 +436,18 @@ async def test_cost_budget_rejection_and_unpriced_model(caplog: pytest.LogCaptur
     assert "tenant day cost_usd limit of tenant 'acme'" in priced.message
     assert [admission.admitted for admission in unpriced] == [True, True]
     assert caplog.text.count("model 'mystery-model' has no entry in the pricing table") == 1
+
+
+async def test_spool_file_in_missing_folder(tmp_path: Path) -> None:
+    """A spool file that cannot be written stops the start; while running, usage stays in memory."""
+    server = RedisServer()  # never started
+    keeper = spool_keeper(server.url, tmp_path / "missing" / "spool.jsonl")
+    with pytest.raises(OSError, match="does not exist or is not writable"):
+        await keeper.start()
+    await keeper.commit_or_spool("r1", [day()], {"total_tokens": 1}, tenant="acme")
+    spooled = len(keeper.spool)
+    await keeper.close()  # logs the lost record; must not raise
+    server.close()
+
+    assert spooled == 1
+    assert not (tmp_path / "missing").exists()

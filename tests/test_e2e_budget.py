@@ -66,6 +66,23 @@ def day_counter(keeper: BudgetKeeper, tenant: str) -> Counter:
     return next(item.counter for item in keeper.counters(tenant, None) if item.period.window is Window.DAY)
 
 
+def ledger_requests(policy: Path, tenant: str) -> int:
+    """Return the requests in the tenant's usage ledger for today and yesterday (any model)."""
+    from datetime import UTC, datetime, timedelta
+
+    policies = load_policy(policy, default_detectors())
+    keeper = BudgetKeeper.from_settings(policies.tenancy, policies.pricing)  # type: ignore[arg-type]
+    today = datetime.now(UTC).astimezone(keeper.zone).date()
+    days = [(today - timedelta(days=offset)).isoformat() for offset in (1, 0)]
+
+    async def read() -> int:
+        ledger = await keeper.store.usage(tenant, days)
+        await keeper.store.close()
+        return sum(row["requests"] for models in ledger.values() for row in models.values())
+
+    return asyncio.run(read())
+
+
 def used(policy: Path, tenant: str) -> dict[str, int]:
     """Return the tenant's used amounts in its current day window, read from Redis."""
     policies = load_policy(policy, default_detectors())
@@ -154,6 +171,20 @@ def test_concurrent_requests_never_overspend(budget_stack) -> None:  # type: ign
     assert billed(stack)["requests"] - billed_before["requests"] == 10
 
 
+def test_tenant_key_not_sent_upstream(budget_stack) -> None:  # type: ignore[no-untyped-def]
+    import json
+    import urllib.request
+
+    stack, _ = budget_stack
+    client(stack, ACME_KEY).chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+    with urllib.request.urlopen(f"{stack.upstream_url}/mock/requests", timeout=5) as response:
+        last = json.load(response)[-1]
+
+    assert last["headers"]["x-extguard-tenant"] == "acme"
+    assert "authorization" not in last["headers"]
+    assert ACME_KEY not in json.dumps(last)
+
+
 def test_model_not_allowed_is_403(budget_stack) -> None:  # type: ignore[no-untyped-def]
     stack, _ = budget_stack
 
@@ -240,7 +271,7 @@ def test_mixed_requests_meter_exactly(budget_stack) -> None:  # type: ignore[no-
     from concurrent.futures import ThreadPoolExecutor
 
     stack, policy = budget_stack
-    before, billed_before = used(policy, "acme"), billed(stack)
+    before, billed_before, ledger_before = used(policy, "acme"), billed(stack), ledger_requests(policy, "acme")
     oai = client(stack, ACME_KEY)
     claude = anthropic.Anthropic(base_url=stack.base_url, api_key=ACME_KEY, max_retries=0, timeout=20)
 
@@ -312,6 +343,7 @@ def test_mixed_requests_meter_exactly(budget_stack) -> None:  # type: ignore[no-
 
     assert billed_after["streams_open"] == 0
     assert billed_after["requests"] - billed_before["requests"] == sum(1 for index in range(1000) if index % 6 != 4)  # all but the errors
+    assert ledger_requests(policy, "acme") - ledger_before == billed_after["requests"] - billed_before["requests"]
     assert after["input_tokens"] - before["input_tokens"] == billed_after["input_tokens"] - billed_before["input_tokens"]
     assert after["output_tokens"] - before["output_tokens"] == billed_after["output_tokens"] - billed_before["output_tokens"]
 

@@ -84,6 +84,14 @@ def _run_check_config(args: argparse.Namespace) -> int:
         f"{args.policy}: valid. Default policy: {_count(len(default.request_rules), 'request rule')}, "
         f"{_count(len(default.response_rules), 'response rule')}. Routes: {routes}."
     )
+    tenancy = policies.tenancy
+    if tenancy is not None:
+        store = tenancy.store
+        print(
+            f"Tenancy: {_count(len(tenancy.tenants), 'tenant')}, store {store.backend.value}"
+            f"{' at ' + store.display_url if store.backend.value == 'redis' else ''} (failure mode {store.failure_mode}), "
+            f"windows in {tenancy.time_zone}."
+        )
     if policies.hash_key_is_random and policies.uses_hash_masks:
         print(
             f"note: {policies.hash_key_env} is not set here, so hash mask tokens would use a random key "

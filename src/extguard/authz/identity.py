@@ -27,6 +27,7 @@ class Caller:
     tenant: str
     user: str | None
     source: str  # "jwt", "api_key" or "trusted_header", for logs and metrics
+    key_header: str | None = None  # the header that carried the API key, when source is "api_key"
 
 
 class UnknownCaller(Exception):
@@ -62,7 +63,7 @@ class Identifier:
             presented = True
             found = self._keys.get(hashlib.sha256(key.encode("utf-8")).hexdigest())
             if found is not None:
-                return Caller(found[0], found[1], "api_key")
+                return Caller(found[0], found[1], "api_key", key_header=name)
 
         if identity.trusted_header is not None:
             tenant = headers.get(identity.trusted_header, "").strip()

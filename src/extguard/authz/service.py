@@ -126,6 +126,8 @@ class Authorization(auth_grpc.AuthorizationServicer):
         # applies removals after additions, so a header set here must not be removed too.
         setting = {name for name, _ in upstream}
         remove = [name for name in OWN_HEADERS if name in headers and name not in setting]
+        if caller.key_header is not None and self._tenancy.identity.strip_api_key:
+            remove.append(caller.key_header)
         self._metrics.budget_decisions.labels("authz", "allowed", caller.tenant).inc()
         facts = {"tenant": caller.tenant, "user": caller.user or "", "identity_source": caller.source, "budget": budget_state}
         client = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from datetime import UTC, date, datetime, timedelta
+from typing import Any
 
 import grpc
 
@@ -24,8 +25,8 @@ class BudgetAdmin(admin_pb2_grpc.BudgetAdminServicer):
         await self._known_tenant(request.tenant, context)
         now = datetime.now(UTC)
         planned = self._keeper.counters(request.tenant, request.user or None, now)
-        states = await self._keeper.call(
-            self._keeper.store.status([item.counter for item in planned], now_ms=int(now.timestamp() * 1000))
+        states = await self._store_call(
+            self._keeper.store.status([item.counter for item in planned], now_ms=int(now.timestamp() * 1000)), context
         )
         response = admin_pb2.GetBudgetStatusResponse()
         for item, state in zip(planned, states, strict=True):
@@ -53,7 +54,7 @@ class BudgetAdmin(admin_pb2_grpc.BudgetAdminServicer):
 
         response = admin_pb2.GetUsageResponse()
         for tenant in tenants:
-            ledger = await self._keeper.call(self._keeper.store.usage(tenant, days))
+            ledger = await self._store_call(self._keeper.store.usage(tenant, days), context)
             for day, models in sorted(ledger.items()):
                 for model, metrics in sorted(models.items()):
                     response.rows.add(day=day, tenant=tenant, model=model, **metrics)
@@ -73,9 +74,18 @@ class BudgetAdmin(admin_pb2_grpc.BudgetAdminServicer):
                 grpc.StatusCode.NOT_FOUND,
                 f"tenant {request.tenant!r} has no counters for scope {scope!r}; users are counted only in tenants with user_budgets",
             )
-        await self._keeper.call(self._keeper.store.reset(matching[0].counter))
+        await self._store_call(self._keeper.store.reset(matching[0].counter), context)
         log.info("budget window reset: tenant %s scope %s period %s", request.tenant, scope, matching[0].period.id)
         return admin_pb2.ResetWindowResponse(period=matching[0].period.id)
+
+    async def _store_call(self, operation: Any, context: grpc.aio.ServicerContext) -> Any:
+        """Await a store call; a store that fails or times out ends the RPC with UNAVAILABLE."""
+        try:
+            return await self._keeper.call(operation)
+        except Exception as error:  # noqa: BLE001 - any store failure becomes one readable status
+            reason = type(error).__name__
+            log.warning("budget admin call failed: the budget store is unavailable (%s)", reason)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"the budget store is unavailable ({reason}); retry when it is back")
 
     async def _known_tenant(self, tenant: str, context: grpc.aio.ServicerContext) -> None:
         if tenant not in self._keeper.tenancy.tenants:

@@ -204,7 +204,12 @@ class BudgetKeeper:
         return replayed
 
     async def start(self) -> None:
-        """Load the commits that a previous process left in the spool file, and replay them."""
+        """Load the commits that a previous process left in the spool file, and replay them.
+
+        Raise OSError when the spool file's folder cannot be written, so a misconfigured replica
+        does not start and later lose usage.
+        """
+        self.spool.check_folder()
         loaded = self.spool.load()
         if loaded:
             log.info("%d budget commits loaded from %s", loaded, self.spool.path)
@@ -219,6 +224,7 @@ class BudgetKeeper:
         await self.replay_spool()
         if self.spool and self.spool.path is not None:
             self.spool.save()
+        if self.spool and self.spool.saved:
             log.warning("%d budget commits wait in %s for the next start", len(self.spool), self.spool.path)
         elif self.spool:
             log.error("%d budget commits could not be written before shutdown and are lost", len(self.spool))

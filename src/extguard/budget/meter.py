@@ -128,7 +128,9 @@ class Meter:
         usage = self.usage(reported, output_chars)
         amounts = usage.amounts(self.keeper.price(self.model))
         day = self.started.astimezone(self.keeper.zone).date().isoformat()
-        ledger = LedgerEntry(day, self.model or "unknown", min(usage.cached_input_tokens, usage.input_tokens))
+        ledger: LedgerEntry | None = LedgerEntry(day, self.model or "unknown", min(usage.cached_input_tokens, usage.input_tokens))
+        if usage == Usage():
+            ledger = None  # nothing billed (an upstream error): not a request in the ledger
         counters = [item.counter for item in self.counters]
         self.keeper.metrics.budget_tokens.labels(self.tenant, "input").inc(usage.input_tokens)
         self.keeper.metrics.budget_tokens.labels(self.tenant, "output").inc(usage.output_tokens)

@@ -147,10 +147,23 @@ class Spool:
             return
         temporary = self.path.with_name(self.path.name + ".tmp")
         self._file_lines = 0
-        self._write(list(self._records), mode="w", target=temporary)
-        os.replace(temporary, self.path)
+        if self._write(list(self._records), mode="w", target=temporary):
+            os.replace(temporary, self.path)
 
-    def _write(self, records: list[SpooledCommit], mode: str, target: Path | None = None) -> None:
+    def check_folder(self) -> None:
+        """Raise OSError when the spool file's folder does not exist or is not writable."""
+        if self.path is None:
+            return
+        folder = self.path.parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise OSError(f"tenancy.store.spool_file: the folder {folder} does not exist or is not writable")
+
+    @property
+    def saved(self) -> bool:
+        """Whether the file holds every record in memory (True without records to keep)."""
+        return not self._records or (self.path is not None and not self._write_failed)
+
+    def _write(self, records: list[SpooledCommit], mode: str, target: Path | None = None) -> bool:
         destination = target or self.path
         assert destination is not None
         try:
@@ -160,6 +173,7 @@ class Spool:
             if not self._write_failed:
                 log.error("budget spool file %s could not be written (%s); usage is kept in memory only until a write succeeds", destination, error)
             self._write_failed = True
-            return
+            return False
         self._write_failed = False
         self._file_lines += len(records)
+        return True

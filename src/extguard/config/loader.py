@@ -34,9 +34,15 @@ class PolicyError(Exception):
 
     def __init__(self, source: str, errors: list[str]) -> None:
         self.source = source
-        self.errors = errors
+        self.errors = sorted(errors, key=_line_of)  # in file order; errors without a line first
         listing = "\n".join(f"  {error}" for error in errors)
         super().__init__(f"invalid policy {source}: {len(errors)} error(s)\n{listing}")
+
+
+def _line_of(error: str) -> int:
+    """Return the line number of a located error ("file:LINE: ..."), or 0."""
+    parts = error.split(":", 2)
+    return int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,6 +39,7 @@ from extguard.budget.windows import Window
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _HEADER_NAME = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]+")
 _METADATA_KEY = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+_TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # Keys that ext_authz's dynamic metadata already uses: extguard's own facts, and the duration
 # that Envoy adds itself.
 RESERVED_METADATA_KEYS = frozenset({"extguard", "ext_authz_duration"})
@@ -121,6 +122,17 @@ class Tenant(_Strict):
     models: list[str] | None = Field(None, min_length=1)  # shell-style patterns; None: any model
     budgets: list[Budget] = Field(default_factory=list)
     user_budgets: list[Budget] = Field(default_factory=list)  # per user or key, inside the tenant's
+
+    @field_validator("budgets", "user_budgets")
+    @classmethod
+    def _one_limit_per_window_and_metric(cls, budgets: list[Budget]) -> list[Budget]:
+        seen: set[tuple[str, str]] = set()
+        for budget in budgets:
+            key = (budget.window.value, budget.metric.value)
+            if key in seen:
+                raise ValueError(f"two budgets for window {key[0]} and metric {key[1]}; keep one limit per window and metric")
+            seen.add(key)
+        return budgets
     # Limits for Envoy's rate limiter, by the metadata key a `limit.fromMetadata` rule names.
     rate_limits: dict[str, RateLimit] = Field(default_factory=dict)
 
@@ -145,6 +157,9 @@ class Tenant(_Strict):
 class Identity(_Strict):
     # Headers that may carry an API key, as "Bearer KEY" or the bare key.
     api_key_headers: list[str] = Field(default_factory=lambda: ["authorization", "x-api-key"])
+    # Remove the header that carried the tenant's key before the request goes upstream, so the
+    # key never reaches a provider; Envoy adds the provider's own credential. False: keep it.
+    strip_api_key: bool = True
     # A header naming the tenant, trusted only when set here (behind a proxy that sets it).
     trusted_header: str | None = None
     trusted_user_header: str | None = None
@@ -153,6 +168,14 @@ class Identity(_Strict):
     jwt_payload_key: str | None = None  # None: JWT identity off
     jwt_tenant_claim: str = "tenant"
     jwt_user_claim: str | None = "sub"
+
+    @model_validator(mode="after")
+    def _some_source(self) -> Identity:
+        if not self.api_key_headers and self.trusted_header is None and self.jwt_payload_key is None:
+            raise ValueError("no identity source: list api_key_headers, or set trusted_header or jwt_payload_key")
+        if self.trusted_user_header is not None and self.trusted_header is None:
+            raise ValueError("trusted_user_header is read only with trusted_header; set both")
+        return self
 
     @field_validator("api_key_headers")
     @classmethod
@@ -181,6 +204,14 @@ class StoreSettings(_Strict):
     # A local file that keeps spooled usage across restarts and crashes; None: memory only.
     spool_file: str | None = Field(None, min_length=1)
 
+    @field_validator("url")
+    @classmethod
+    def _redis_scheme(cls, url: str) -> str:
+        scheme = urllib.parse.urlsplit(url).scheme
+        if scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"store url scheme {scheme!r} is not supported: use redis://, rediss:// (TLS) or unix://")
+        return url
+
     @property
     def display_url(self) -> str:
         """Return `url` with its password replaced by ***, for messages and logs."""
@@ -204,7 +235,33 @@ class Tenancy(_Strict):
     store: StoreSettings = Field(default_factory=StoreSettings)
     reservation_ttl_s: int = Field(900, gt=0)  # an unsettled reservation stops counting after this
     default_max_output_tokens: int = Field(4096, gt=0)  # output estimate when a request sets none
-    tenants: dict[str, Tenant] = Field(default_factory=dict)
+    tenants: dict[str, Tenant] = Field(default_factory=dict, min_length=1)
+
+    @field_validator("tenants")
+    @classmethod
+    def _tenant_names(cls, tenants: dict[str, Tenant]) -> dict[str, Tenant]:
+        invalid = [name for name in tenants if not _TENANT_NAME.fullmatch(name)]
+        if invalid:
+            names = ", ".join(repr(name) for name in invalid)
+            raise ValueError(
+                f"invalid tenant name {names}: a name is 1 to 64 letters, digits, '_', '-' or '.', "
+                "starting with a letter or digit, because it goes into headers and store keys"
+            )
+        return tenants
+
+    @model_validator(mode="after")
+    def _user_budgets_can_apply(self) -> Tenancy:
+        identity = self.identity
+        users_from_identity = identity.trusted_user_header is not None or (
+            identity.jwt_payload_key is not None and identity.jwt_user_claim is not None
+        )
+        for name, tenant in self.tenants.items():
+            if tenant.user_budgets and not users_from_identity and not any(key.user for key in tenant.api_keys):
+                raise ValueError(
+                    f"tenant {name!r} has user_budgets, but none of its callers has a user: give an API key a "
+                    "`user:`, or set identity.trusted_user_header or identity.jwt_payload_key"
+                )
+        return self
 
     @field_validator("time_zone")
     @classmethod
