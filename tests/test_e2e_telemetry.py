@@ -11,6 +11,7 @@ import hashlib
 import json
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -28,11 +29,15 @@ pytestmark = pytest.mark.e2e
 
 API_KEY = "sk-telemetry-e2e-1"
 EMAIL = "jane.roe@example.org"
+# Values the privacy test sends in prompts and replies; none may appear in any telemetry.
+SECRETS = [EMAIL, "4111 1111 1111 1111", "078-05-1120", "AKIAIOSFODNN7EXAMPLE", "+1 415 555 0132", "GB82WEST12345698765432"]
 POLICY = f"""
 version: 1
 default:
   rules:
     pii: {{action: mask, entities: [EMAIL_ADDRESS]}}
+    cards: {{detector: pii, action: mask, entities: [CREDIT_CARD, US_SSN, PHONE_NUMBER, IBAN_CODE]}}
+    secrets: {{action: block, direction: response}}
 tenancy:
   store: {{backend: memory}}
   tenants:
@@ -120,8 +125,10 @@ def traced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, Co
         "OTEL_BSP_SCHEDULE_DELAY": "200",
         "OTEL_SERVICE_NAME": "extguard",
     }
+    audit_file = work / "audit.jsonl"
+    options = ("--audit-sink", f"file:{audit_file}")
     try:
-        with Stack(policy=policy, work_dir=work, otel_collector_port=port, extra_env=environment) as stack:
+        with Stack(policy=policy, work_dir=work, otel_collector_port=port, extra_env=environment, log_level="DEBUG", extra_args=options) as stack:
             yield stack, collector
     finally:
         server.stop(grace=None)
@@ -237,16 +244,46 @@ def test_access_log_line_has_the_facts(traced) -> None:  # type: ignore[no-untyp
     assert len(line["trace_id"]) == 32
 
 
-def test_no_prompt_text_in_spans_or_access_log(traced) -> None:  # type: ignore[no-untyped-def]
+def test_no_values_in_any_telemetry(traced) -> None:  # type: ignore[no-untyped-def]
+    """PII and a secret in prompts and replies, JSON and streamed, masked and blocked: every span,
+    log line (at DEBUG), audit event, metric and access log line of the run is free of them."""
     stack, collector = traced
-    ask(stack, "privacy-1")
-    spans = collector.trace(access_log_line(stack, "privacy-1")["trace_id"])
+    client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=API_KEY, max_retries=0, timeout=20)
+    prompt = "Customer: " + ", ".join(SECRETS) + ". Summarise the launch plan."
+    reply = "Noted for " + ", ".join(value for value in SECRETS if not value.startswith("AKIA")) + ". Summarise the launch plan."
+    for probe, mock in (("privacy-json", {"reply": reply}), ("privacy-sse", {"reply": reply, "chunk_chars": 7})):
+        stream = probe.endswith("sse")
+        answer = client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": prompt}], stream=stream,
+            extra_query={"probe": probe}, extra_body={"mock": mock},
+        )  # fmt: skip
+        if stream:
+            list(answer)
+    with pytest.raises(openai.APIError):  # the reply leaks an AWS key: the secrets rule blocks it
+        client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "keys?"}],
+            extra_query={"probe": "privacy-block"}, extra_body={"mock": {"reply": "use AKIAIOSFODNN7EXAMPLE now"}},
+        )  # fmt: skip
+    spans = [span for probe in ("privacy-json", "privacy-sse") for span in collector.trace(access_log_line(stack, probe)["trace_id"])]
+    with urllib.request.urlopen(stack.metrics_url, timeout=5) as response:
+        metrics = response.read().decode()
+    audit_events = (stack.work_dir / "audit.jsonl").read_text(encoding="utf-8")  # type: ignore[operator]
 
-    dumped = json.dumps([[span.name, span.attributes, span.events] for span in spans], default=str)
-    assert EMAIL not in dumped
-    assert "launch" not in dumped
-    assert EMAIL not in stack.logs()["envoy"]
-    assert EMAIL not in stack.logs()["extguard"]
+    telemetry = {
+        "spans": json.dumps([[span.name, span.attributes, span.events] for span in spans], default=str),
+        "extguard log": stack.logs()["extguard"],
+        "envoy log and access log": stack.logs()["envoy"],
+        "audit events": audit_events,
+        "metrics": metrics,
+    }
+    for where, text in telemetry.items():
+        for value in [*SECRETS, "Summarise the launch plan"]:
+            assert value not in text, f"{value!r} found in {where}"
+    # The run did produce telemetry about those values, by type and count.
+    assert '"event": "guard_decision"' in audit_events
+    assert "CREDIT_CARD" in audit_events
+    assert "AWS_ACCESS_KEY_ID" in audit_events
+    assert any("run_guardrail" in span.name for span in spans)
 
 
 def test_tracing_off_without_endpoint(tmp_path: Path) -> None:
@@ -270,3 +307,40 @@ def test_tracing_off_without_endpoint(tmp_path: Path) -> None:
 
     assert any(span.service == "envoy" for span in collector.spans)
     assert not [span for span in collector.spans if span.service == "extguard"]
+
+
+def test_metrics_after_a_scripted_run(traced) -> None:  # type: ignore[no-untyped-def]
+    """The Prometheus endpoint counts the tokens, cost, decisions and budget of the run."""
+    stack, _ = traced
+    tokens_before = stack.metric("gen_ai_client_token_usage_sum", **TOKEN_LABELS, gen_ai_token_type="input")
+    answers = [ask(stack, f"metrics-{index}") for index in range(3)]
+
+    input_tokens = stack.metric("gen_ai_client_token_usage_sum", **TOKEN_LABELS, gen_ai_token_type="input") - tokens_before
+    assert input_tokens == sum(answer.usage.prompt_tokens for answer in answers)
+    assert stack.metric("gen_ai_client_token_usage_count", **TOKEN_LABELS, gen_ai_token_type="output") >= 3
+    assert stack.metric("extguard_cost_usd_total", tenant="acme", gen_ai_request_model="gpt-4o-mini") > 0
+    assert stack.metric("extguard_guard_decisions_total", direction="request", verdict="modify", tenant="acme") >= 3
+    assert stack.metric("extguard_guard_hits_total", direction="request", rule="pii", detector="pii", entity_type="EMAIL_ADDRESS", action="mask") >= 3
+    assert stack.metric("extguard_scan_duration_seconds_count", direction="request", detector="pii") >= 3
+    assert stack.metric("extguard_extproc_stream_duration_seconds_count") >= 3
+    assert stack.metric("extguard_budget_reservations_in_flight") == 0
+    used = stack.metric("extguard_budget_used", tenant="acme", window="day", metric="total_tokens")
+    limit = stack.metric("extguard_budget_limit", tenant="acme", window="day", metric="total_tokens")
+    remaining = stack.metric("extguard_budget_remaining", tenant="acme", window="day", metric="total_tokens")
+    assert (limit, used + remaining) == (1_000_000, 1_000_000)
+    assert used > 0
+
+
+TOKEN_LABELS = {"tenant": "acme", "gen_ai_request_model": "gpt-4o-mini", "gen_ai_provider_name": "openai", "gen_ai_operation_name": "chat"}
+
+
+def test_log_lines_carry_request_and_trace_ids(traced) -> None:  # type: ignore[no-untyped-def]
+    stack, _ = traced
+    ask(stack, "log-ids-1")
+    line = access_log_line(stack, "log-ids-1")
+
+    entries = [json.loads(text) for text in stack.logs()["extguard"].splitlines() if text.startswith("{")]
+    ours = [entry for entry in entries if entry.get("request_id") == line["request_id"]]
+    assert ours, "no extguard log line for the request"
+    assert {entry["trace_id"] for entry in ours} == {line["trace_id"]}
+    assert any("findings under policy" in entry["message"] for entry in ours)

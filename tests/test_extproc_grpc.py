@@ -421,3 +421,12 @@ def test_unrecognized_path_blocked_when_route_says_so(processor) -> None:  # typ
     assert json.loads(immediate.body)["error"]["message"] == (
         "The path '/strict/v1/files' is not an LLM API that this gateway serves."
     )
+
+
+def test_metric_labels_bounded() -> None:
+    from extguard.telemetry.metrics import Metrics
+
+    metrics = Metrics(max_label_values=2)
+
+    assert [metrics.tenant(name) for name in ("acme", "globex", "initech", "acme")] == ["acme", "globex", "other", "acme"]
+    assert metrics.model("gpt-4o") == "gpt-4o"

@@ -40,6 +40,18 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="log level; DEBUG adds one line per request with the entity types found (default %(default)s)",
     )
+    parser.add_argument(
+        "--log-format",
+        default="json",
+        choices=["json", "text"],
+        help="log lines on stderr as JSON objects or as text, each with the request id and trace id (default %(default)s)",
+    )
+    parser.add_argument(
+        "--audit-sink",
+        default="stdout",
+        metavar="SINK",
+        help="where audit events go, one JSON object per line: stdout, file:PATH or syslog:/path/to/socket (default %(default)s)",
+    )
 
 
 def _run_serve(args: argparse.Namespace) -> int:
@@ -244,5 +256,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     level = getattr(args, "log_level", "INFO")
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "serve":
+        from extguard.telemetry.logs import configure_logging
+
+        try:
+            configure_logging(level, args.log_format, args.audit_sink)
+        except (ValueError, OSError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+    else:
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return _COMMANDS[args.command][1](args)

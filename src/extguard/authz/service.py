@@ -36,6 +36,7 @@ from extguard.authz.identity import Caller, Identifier, UnknownCaller
 from extguard.budget.keeper import BudgetKeeper
 from extguard.config.tenancy import Tenancy
 from extguard.llm.apis import OPENAI_CHAT, Api, api_for_path
+from extguard.telemetry.logs import audit, bind_request
 from extguard.telemetry.metrics import Metrics
 from extguard.telemetry.tracing import SPAN_AUTHZ, parent_context, set_attributes
 
@@ -72,6 +73,8 @@ class Authorization(auth_grpc.AuthorizationServicer):
         headers = {name.lower(): value for name, value in http.headers.items()}
         parent = parent_context(context.invocation_metadata(), headers if "traceparent" in headers else None)
         with self._tracer.start_as_current_span(SPAN_AUTHZ, context=parent, kind=SpanKind.SERVER) as span:
+            trace_id = span.get_span_context().trace_id
+            bind_request(headers.get("x-request-id", ""), format(trace_id, "032x") if trace_id else "")
             response = await self._check(request, headers)
             _describe_on_span(span, response)
             return response
@@ -93,8 +96,8 @@ class Authorization(auth_grpc.AuthorizationServicer):
         tenant = self._tenancy.tenants[caller.tenant]
         if not tenant.allows_model(model):
             log.info("request %s rejected: tenant %s may not call model %s", headers.get("x-request-id", "-"), caller.tenant, model)
-            self._metrics.budget_decisions.labels("authz", "model_not_allowed", caller.tenant).inc()
-            return _denied(api, 403, f"Tenant {caller.tenant!r} may not call model {model!r}.", ERROR_CODE_FORBIDDEN)
+            self._metrics.budget_decisions.labels("authz", "model_not_allowed", self._metrics.tenant(caller.tenant)).inc()
+            return _denied(api, 403, f"Tenant {caller.tenant!r} may not call model {model!r}.", ERROR_CODE_FORBIDDEN, tenant=caller.tenant, user=caller.user, model=model)
 
         upstream = [(TENANT_HEADER, caller.tenant)]
         if caller.user is not None:
@@ -105,17 +108,20 @@ class Authorization(auth_grpc.AuthorizationServicer):
         if self._budgets is not None:
             check = await self._budgets.pre_check(caller.tenant, caller.user)
             if check.store_unavailable:
-                self._metrics.budget_decisions.labels("authz", "store_unavailable", caller.tenant).inc()
+                self._metrics.budget_decisions.labels("authz", "store_unavailable", self._metrics.tenant(caller.tenant)).inc()
+                self._metrics.failure_mode_activations.labels("authz", self._tenancy.store.failure_mode).inc()
                 if self._tenancy.store.failure_mode == "closed":
-                    return _denied(api, 503, "The budget service is unavailable. Retry later.", ERROR_CODE_STORE)
+                    return _denied(api, 503, "The budget service is unavailable. Retry later.", ERROR_CODE_STORE, tenant=caller.tenant, user=caller.user, model=model)
                 upstream.append((BUDGET_HEADER, "unchecked"))
                 budget_state = "unchecked"
             elif check.exhausted is not None:
-                self._metrics.budget_decisions.labels("authz", "budget_exhausted", caller.tenant).inc()
+                self._metrics.budget_decisions.labels("authz", "budget_exhausted", self._metrics.tenant(caller.tenant)).inc()
                 spent = check.exhausted
                 message = f"Budget exhausted: the {spent.window} {spent.metric} limit of tenant {caller.tenant!r} is reached."
                 log.info("request %s rejected: %s", headers.get("x-request-id", "-"), message)
-                return _denied(api, 429, message, ERROR_CODE_BUDGET, retry_after_s=spent.retry_after_s)
+                return _denied(
+                    api, 429, message, ERROR_CODE_BUDGET, retry_after_s=spent.retry_after_s, tenant=caller.tenant, user=caller.user, model=model
+                )  # fmt: skip
             else:
                 budget_state = "ok"
             if check.warnings:
@@ -128,7 +134,7 @@ class Authorization(auth_grpc.AuthorizationServicer):
         remove = [name for name in OWN_HEADERS if name in headers and name not in setting]
         if caller.key_header is not None and self._tenancy.identity.strip_api_key:
             remove.append(caller.key_header)
-        self._metrics.budget_decisions.labels("authz", "allowed", caller.tenant).inc()
+        self._metrics.budget_decisions.labels("authz", "allowed", self._metrics.tenant(caller.tenant)).inc()
         facts = {"tenant": caller.tenant, "user": caller.user or "", "identity_source": caller.source, "budget": budget_state}
         client = []
         if warning is not None:
@@ -193,7 +199,11 @@ def _ok(
     return response
 
 
-def _denied(api: Api, status: int, message: str, code: str, *, retry_after_s: int | None = None) -> auth.CheckResponse:
+def _denied(
+    api: Api, status: int, message: str, code: str, *, retry_after_s: int | None = None, tenant: str | None = None,
+    user: str | None = None, model: str | None = None,
+) -> auth.CheckResponse:
+    audit("access_denied" if status in (401, 403) else "budget_refused", stage="authz", status=status, code=code, tenant=tenant, user=user, model=model)
     rpc_code = {401: code_pb2.UNAUTHENTICATED, 403: code_pb2.PERMISSION_DENIED, 429: code_pb2.RESOURCE_EXHAUSTED}
     response = auth.CheckResponse(status=status_pb2.Status(code=rpc_code.get(status, code_pb2.UNAVAILABLE)))
     denied = response.denied_response

@@ -13,11 +13,12 @@ from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
 from extguard.budget.memory import MemoryBudgetStore
-from extguard.budget.plan import PlannedCounter, counters_for, price_for, store_limit, store_metric
+from extguard.budget.plan import NANOS_PER_USD, PlannedCounter, counters_for, price_for, store_limit, store_metric
 from extguard.budget.redis_store import RedisBudgetStore
 from extguard.budget.spool import Spool, SpooledCommit
 from extguard.budget.store import BudgetStore, Counter, LedgerEntry
 from extguard.config.tenancy import Price, StoreBackend, Tenancy
+from extguard.telemetry.logs import audit
 from extguard.telemetry.metrics import Metrics
 
 log = logging.getLogger("extguard.budget")
@@ -139,6 +140,8 @@ class BudgetKeeper:
                 metric = store_metric(budget)
                 limit = store_limit(budget)
                 spent = state.used[metric] + state.reserved[metric]
+                if item.counter.scope == "tenant":
+                    self._show_budget(tenant, item.period.window.value, budget.metric.value, state.used[metric], spent, limit)
                 if spent >= limit:
                     window = f"{item.counter.scope} {item.period.window.value}"
                     retry_after_s = item.period.seconds_left(moment)
@@ -149,6 +152,14 @@ class BudgetKeeper:
                     announcement = SoftLimit(tenant, item.counter.scope, item.period.id, budget.metric.value, percent)
                     self._announce_soft_limit(announcement, item.counter.ttl_s)
         return PreCheck(warnings=warnings)
+
+    def _show_budget(self, tenant: str, window: str, metric: str, used: int, spent: int, limit: int) -> None:
+        """Update the budget gauges of a tenant window, in USD for cost budgets."""
+        scale = NANOS_PER_USD if metric == "cost_usd" else 1
+        labels = (self.metrics.tenant(tenant), window, metric)
+        self.metrics.budget_used.labels(*labels).set(used / scale)
+        self.metrics.budget_limit.labels(*labels).set(limit / scale)
+        self.metrics.budget_remaining.labels(*labels).set(max(limit - spent, 0) / scale)
 
     async def call(self, operation: Awaitable[T]) -> T:
         """Await a store operation under the store's timeout."""
@@ -181,6 +192,7 @@ class BudgetKeeper:
             await self.call(record.send(self.store))
         except Exception as error:  # noqa: BLE001 - any store failure: keep the usage
             self.note_store_down(error, "commit")
+            self.metrics.failure_mode_activations.labels("commit", "spool").inc()
             self._spool(record)
             return
         self.note_store_up()
@@ -256,11 +268,12 @@ class BudgetKeeper:
             first = True
         if not first:
             return
-        self.metrics.budget_decisions.labels("authz", "soft_limit_reached", crossing.tenant).inc()
+        self.metrics.budget_decisions.labels("authz", "soft_limit_reached", self.metrics.tenant(crossing.tenant)).inc()
         log.warning(
             "audit budget_soft_limit tenant=%s scope=%s period=%s metric=%s percent=%d",
             crossing.tenant, crossing.scope, crossing.period, crossing.metric, crossing.percent,
         )  # fmt: skip
+        audit("budget_soft_limit", **asdict(crossing))
         webhook = self.tenancy.soft_limit_webhook
         if webhook is not None:
             event = {"event": "budget_soft_limit", **asdict(crossing)}

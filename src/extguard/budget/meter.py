@@ -60,6 +60,7 @@ class Meter:
         self.reserved = False  # admitted: reserved against every counter, or there were none
         self.settled = False
         self.upstream_failed = False
+        self.in_flight = False  # a reservation is held in the store and counted in the gauge
 
     def model_allowed(self, model: str | None) -> bool:
         return self.keeper.tenancy.tenants[self.tenant].allows_model(model)
@@ -88,6 +89,7 @@ class Meter:
             )  # fmt: skip
         except Exception as error:  # noqa: BLE001 - any store failure follows the failure mode
             self.keeper.note_store_down(error, "reserve")
+            self.keeper.metrics.failure_mode_activations.labels("reserve", self.keeper.tenancy.store.failure_mode).inc()
             if self.keeper.tenancy.store.failure_mode == "closed":
                 return Admission(False, 503, "The budget service is unavailable. Retry later.", "extguard_budget_unavailable")
             # Admitted unchecked: nothing was reserved, but the usage is still committed (or
@@ -97,7 +99,7 @@ class Meter:
         self.keeper.note_store_up()
 
         if result.rejection is not None:
-            self.keeper.metrics.budget_decisions.labels("reserve", "budget_exhausted", self.tenant).inc()
+            self.keeper.metrics.budget_decisions.labels("reserve", "budget_exhausted", self.keeper.metrics.tenant(self.tenant)).inc()
             rejection = result.rejection
             planned = next(item for item in self.counters if item.counter == rejection.counter)
             window = f"{planned.counter.scope} {planned.period.window.value}"
@@ -106,7 +108,9 @@ class Meter:
             log.info("request %s rejected: %s", self.request_id, message)
             return Admission(False, 429, message, "extguard_budget_exhausted", planned.period.seconds_left(now))
         self.reserved = True
-        self.keeper.metrics.budget_decisions.labels("reserve", "admitted", self.tenant).inc()
+        self.in_flight = True
+        self.keeper.metrics.reservations_in_flight.inc()
+        self.keeper.metrics.budget_decisions.labels("reserve", "admitted", self.keeper.metrics.tenant(self.tenant)).inc()
         return Admission(True)
 
     def usage(self, reported: ReportedUsage, output_chars: int) -> Usage:
@@ -125,6 +129,9 @@ class Meter:
         if self.settled:
             return Committed(Usage(), 0.0)
         self.settled = True
+        if self.in_flight:
+            self.in_flight = False
+            self.keeper.metrics.reservations_in_flight.dec()
         usage = self.usage(reported, output_chars)
         amounts = usage.amounts(self.keeper.price(self.model))
         day = self.started.astimezone(self.keeper.zone).date().isoformat()
@@ -132,8 +139,9 @@ class Meter:
         if usage == Usage():
             ledger = None  # nothing billed (an upstream error): not a request in the ledger
         counters = [item.counter for item in self.counters]
-        self.keeper.metrics.budget_tokens.labels(self.tenant, "input").inc(usage.input_tokens)
-        self.keeper.metrics.budget_tokens.labels(self.tenant, "output").inc(usage.output_tokens)
+        tenant_label = self.keeper.metrics.tenant(self.tenant)
+        self.keeper.metrics.budget_tokens.labels(tenant_label, "input").inc(usage.input_tokens)
+        self.keeper.metrics.budget_tokens.labels(tenant_label, "output").inc(usage.output_tokens)
         log.debug(
             "request %s tenant %s used %d input and %d output tokens",
             self.request_id, self.tenant, usage.input_tokens, usage.output_tokens,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 import traceback
 import zlib
 from collections import Counter
@@ -42,6 +43,7 @@ from extguard.scan.engine import Hit, ScanRule, guard_text
 from extguard.scan.findings import Finding
 from extguard.scan.redact import Masker, PseudonymVault
 from extguard.scan.stream import StreamGuard
+from extguard.telemetry.logs import audit, bind_request
 from extguard.telemetry.metrics import Metrics
 from extguard.telemetry.request_trace import GuardStage, RequestTrace
 from extguard.telemetry.tracing import SPAN_RESERVE
@@ -124,6 +126,8 @@ class Exchange:
         self.finished = False  # an ImmediateResponse was sent; Envoy sends nothing more
         self.meter: Meter | None = None  # set when the policy has budgets and a tenant is known
         self.reported = ReportedUsage()  # usage in a JSON response
+        self.usage_recorded = False  # tokens of an unmetered request went to the metrics
+        self.stream_scan_seconds = 0.0  # time spent guarding a streamed response so far
         self.output_chars = 0  # chars of a JSON response's text, to estimate output without usage
 
     # -- dispatch ------------------------------------------------------------------------------
@@ -148,6 +152,7 @@ class Exchange:
     def _internal_error(self, kind: str, error: Exception) -> ext_proc.ProcessingResponse:
         mode = self.policy.settings.failure_mode
         self.runtime.metrics.internal_errors.labels(kind, mode.value).inc()
+        self.runtime.metrics.failure_mode_activations.labels(kind, mode.value).inc()
         # The exception's message may quote payload text, so only its type and place are logged.
         frames = traceback.extract_tb(error.__traceback__)
         place = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "unknown"
@@ -169,6 +174,7 @@ class Exchange:
         self.request_id = values.get("x-request-id", "-")
         self.path = values.get(":path", "")
         self.trace.begin(values, self.request_id, self.path)
+        bind_request(self.request_id, self.trace.trace_id)
         self.api = api_for_path(self.path)
         self.policy = self.runtime.policies.select(self.path, None)
         self.request_content_encoding = values.get("content-encoding", "").strip().lower()
@@ -226,13 +232,13 @@ class Exchange:
         slots = self._api().request_slots(payload)
         stage = self.trace.request_stage()
         try:
-            known = await self._deep_findings(slots, self._request_rules)
+            known = await self._deep_findings(slots, self._request_rules, "request")
         except DeepScanFailed as failure:
             stage.finish(blocked=True, policy=self.policy.name)
             return self._error_reply(failure.status, failure.message, ERROR_CODE_INTERNAL, "extguard_deep_scan_failed")
         hits, blocking, changed = await self._guard_slots_off_loop(slots, "request", known, len(raw))
         stage.add_hits(hits)
-        stage.finish(blocked=bool(blocking), policy=self.policy.name)
+        self._count_verdict("request", stage, stage.finish(blocked=bool(blocking), policy=self.policy.name))
         self._record_hits("request", hits)
         if blocking:
             return self._block_request(blocking)
@@ -259,6 +265,10 @@ class Exchange:
         self.trace.note_budget(state)
         if admission.admitted:
             return None
+        audit(
+            "budget_refused", stage="reserve", status=admission.status, code=admission.code,
+            tenant=meter.tenant, user=meter.user, route=self.policy.name, model=self.model,
+        )  # fmt: skip
         headers = {"retry-after": str(admission.retry_after_s)} if admission.retry_after_s is not None else {}
         return self._error_reply(admission.status, admission.message, admission.code, admission.code, headers)
 
@@ -268,17 +278,31 @@ class Exchange:
         output_chars = self.rewriter.text_chars if self.rewriter is not None else self.output_chars
         self.trace.note_response(model=reported.model, finish_reasons=reported.finish_reasons)
         if self.meter is None or not self.meter.reserved or self.meter.settled:
-            if self.meter is None:
+            if self.meter is None and not self.usage_recorded:
+                self.usage_recorded = True
                 self.trace.note_response(
                     input_tokens=reported.input_tokens, output_tokens=reported.output_tokens,
                     cached_input_tokens=reported.cached_input_tokens if reported.input_tokens is not None else None,
                 )  # fmt: skip
+                self._count_tokens("", reported.input_tokens, reported.output_tokens, None)
             return
         committed = await self.meter.settle(reported, output_chars)
         self.trace.note_response(
             input_tokens=committed.usage.input_tokens, output_tokens=committed.usage.output_tokens,
             cached_input_tokens=committed.usage.cached_input_tokens, cost_usd=committed.cost_usd,
         )  # fmt: skip
+        self._count_tokens(self.meter.tenant, committed.usage.input_tokens, committed.usage.output_tokens, committed.cost_usd)
+
+    def _count_tokens(self, tenant: str, input_tokens: int | None, output_tokens: int | None, cost_usd: float | None) -> None:
+        """Record the request's tokens (and cost) in gen_ai_client_token_usage and extguard_cost_usd."""
+        metrics = self.runtime.metrics
+        labels = (metrics.tenant(tenant), metrics.model(self.model))
+        context = (_provider_name(self._api(), self.path), "chat")
+        for token_type, tokens in (("input", input_tokens), ("output", output_tokens)):
+            if tokens is not None:
+                metrics.token_usage.labels(*labels, token_type, *context).observe(tokens)
+        if cost_usd:
+            metrics.cost.labels(*labels).inc(cost_usd)
 
     def abandon(self) -> None:
         """Settle in the background when the stream ended early (client gone, reset, error)."""
@@ -304,7 +328,7 @@ class Exchange:
         return self.policy.response_rules
 
     async def _deep_findings(
-        self, slots: list[TextSlot], rules_of: Callable[[TextSlot], tuple[ScanRule, ...]]
+        self, slots: list[TextSlot], rules_of: Callable[[TextSlot], tuple[ScanRule, ...]], direction: str
     ) -> list[dict[int, list[Finding]]]:
         """Run the deep engines that each slot's rules name, concurrently; return known findings per slot.
 
@@ -321,7 +345,10 @@ class Exchange:
         if not jobs:
             return known
 
+        started = time.perf_counter()
         results = await asyncio.gather(*(engine.analyze(slots[index].text) for index, engine in jobs), return_exceptions=True)
+        for engine_name in {engine.name for _, engine in jobs}:
+            self.runtime.metrics.scan_duration.labels(direction, engine_name).observe(time.perf_counter() - started)
         for (index, engine), result in zip(jobs, results, strict=True):
             if isinstance(result, DeepEngineError):
                 self._deep_engine_failed(engine, result)
@@ -335,6 +362,7 @@ class Exchange:
         timed_out = isinstance(error, DeepEngineTimeout)
         mode = self.policy.settings.failure_mode
         self.runtime.metrics.deep_engine_failures.labels(engine.name, "timeout" if timed_out else "error", mode.value).inc()
+        self.runtime.metrics.failure_mode_activations.labels(f"deep_engine_{engine.name}", mode.value).inc()
         log.warning("request %s: deep engine %s %s; failure mode %s", self.request_id, engine.name,
                     "timed out" if timed_out else f"failed ({type(error).__name__})", mode.value)
         if mode is FailureMode.CLOSED:
@@ -454,7 +482,9 @@ class Exchange:
             message = "extguard could not decode the upstream response stream, so it was stopped."
             return messages.common_reply("response_body", body=self._api().stream_error_event(502, message, ERROR_CODE_BAD_INPUT))
 
+        started = time.perf_counter()
         output = rewriter.feed(chunk)
+        self.stream_scan_seconds += time.perf_counter() - started
         if body.end_of_stream:
             output += rewriter.finish()
             self._finish_stream(rewriter)
@@ -482,6 +512,8 @@ class Exchange:
 
     def _finish_stream(self, rewriter: StreamRewriter) -> None:
         self.runtime.metrics.stream_held_chars.observe(rewriter.max_held_chars)
+        # A stream is scanned chunk by chunk with all its rules at once, so its time is one sum.
+        self.runtime.metrics.scan_duration.labels("response_stream", "all").observe(self.stream_scan_seconds)
         self._record_hits("response", rewriter.hits)
         self._finish_response_stage(rewriter.hits, blocked=rewriter.blocked)
 
@@ -491,7 +523,19 @@ class Exchange:
         if stage is None:
             return
         stage.add_hits(hits)
-        stage.finish(blocked=blocked, policy=self.policy.name)
+        self._count_verdict("response", stage, stage.finish(blocked=blocked, policy=self.policy.name))
+
+    def _count_verdict(self, direction: str, stage: GuardStage, verdict: str) -> None:
+        """Count the verdict, and write an audit event when the scan found anything."""
+        tenant = self.meter.tenant if self.meter is not None else ""
+        self.runtime.metrics.guard_decisions.labels(direction, verdict, self.runtime.metrics.tenant(tenant)).inc()
+        if not stage.entities:
+            return
+        audit(
+            "guard_decision", direction=direction, verdict=verdict, tenant=tenant or None,
+            user=self.meter.user if self.meter is not None else None, route=self.policy.name, model=self.model,
+            rules=stage.rules, detectors=stage.detectors, entity_types=dict(sorted(stage.entities.items())),
+        )  # fmt: skip
 
     async def _json_response(self, body: ext_proc.HttpBody) -> ext_proc.ProcessingResponse:
         if self.response_body_mode == messages.STREAMED and not body.end_of_stream:
@@ -512,7 +556,7 @@ class Exchange:
         self.output_chars = sum(len(slot.text) for slot in slots)
         await self.settle()
         try:
-            known = await self._deep_findings(slots, self._response_rules)
+            known = await self._deep_findings(slots, self._response_rules, "response")
         except DeepScanFailed as failure:
             self._finish_response_stage([], blocked=True)
             return self._error_reply(failure.status, failure.message, ERROR_CODE_INTERNAL, "extguard_deep_scan_failed")
@@ -608,19 +652,22 @@ class Exchange:
         hits: list[Hit] = []
         blocking: list[Hit] = []
         changed = False
+        timings: dict[str, float] = {}
         for slot, known_findings in zip(slots, known, strict=True):
             text = slot.text
             if direction == "request":
-                result = guard_text(text, self._request_rules(slot), masker, self.vault, known_findings)
+                result = guard_text(text, self._request_rules(slot), masker, self.vault, known_findings, timings)
                 new_text = result.text
             else:
-                result = guard_text(text, self.policy.response_rules, masker, None, known_findings)
+                result = guard_text(text, self.policy.response_rules, masker, None, known_findings, timings)
                 new_text = self.vault.restore(result.text) if self.vault else result.text
             hits.extend(result.hits)
             blocking.extend(result.blocking)
             if new_text != text:
                 slot.set(new_text)
                 changed = True
+        for detector, seconds in timings.items():
+            self.runtime.metrics.scan_duration.labels(direction, detector).observe(seconds)
         return hits, blocking, changed
 
     def _record_hits(self, direction: str, hits: list[Hit]) -> None:

@@ -33,6 +33,7 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):
         metrics = runtime.metrics
         metrics.streams.inc()
         exchange = Exchange(runtime, context.invocation_metadata())
+        opened = time.perf_counter()
 
         try:
             async for request in request_iterator:
@@ -53,3 +54,4 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):
             # still commits what it used.
             exchange.abandon()
             exchange.trace.end()
+            metrics.stream_duration.observe(time.perf_counter() - opened)

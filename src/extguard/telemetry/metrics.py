@@ -1,19 +1,58 @@
-"""Prometheus metrics of the ext_proc server, on an injectable registry so tests build their own."""
+"""Prometheus metrics of the ext_proc server, on an injectable registry so tests build their own.
+
+Label values are names and numbers, never payload text. Tenant and model labels are bounded:
+the first `max_label_values` distinct values keep their names, later ones are counted as
+`other`, because model names come from clients and tenants can be many.
+
+The token metric maps the OpenTelemetry GenAI metric `gen_ai.client.token.usage` (a histogram of
+tokens per request with `gen_ai.token.type` input or output) to Prometheus conventions:
+`gen_ai_client_token_usage` with labels `gen_ai_token_type`, `gen_ai_request_model`,
+`gen_ai_provider_name` and `gen_ai_operation_name`, plus extguard's `tenant`.
+"""
 
 from __future__ import annotations
+
+import threading
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Hold-back sizes in characters: one token is about 4 characters of English text.
 _HELD_CHARS_BUCKETS = (0, 4, 8, 16, 32, 64, 128, 256, 512)
 _DURATION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+# Tokens per request, from a one-word prompt to a long-context request (powers of 4).
+_TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576)
+# A whole ext_proc stream lasts as long as the LLM call: up to minutes for long completions.
+_STREAM_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+DEFAULT_MAX_LABEL_VALUES = 100
+OTHER = "other"
+
+
+class BoundedLabel:
+    """Keeps the first `limit` distinct values of a label; later ones become `other`."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, value: str | None) -> str:
+        value = value or ""
+        if value in self._seen:
+            return value
+        with self._lock:
+            if len(self._seen) < self._limit:
+                self._seen.add(value)
+                return value
+        return OTHER
 
 
 class Metrics:
     """The counters and histograms extguard updates; label values never contain payload text."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, max_label_values: int = DEFAULT_MAX_LABEL_VALUES) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self.tenant = BoundedLabel(max_label_values)
+        self.model = BoundedLabel(max_label_values)
         self.streams = Counter(
             "extguard_extproc_streams",
             "ext_proc Process streams opened by Envoy (one per HTTP request).",
@@ -99,5 +138,66 @@ class Metrics:
             "extguard_stream_held_chars",
             "Largest number of characters held back at once in one streamed response channel.",
             buckets=_HELD_CHARS_BUCKETS,
+            registry=self.registry,
+        )
+        self.token_usage = Histogram(
+            "gen_ai_client_token_usage",
+            "Tokens per request as committed or reported, by tenant, model, token type (input or output), provider and operation.",
+            ["tenant", "gen_ai_request_model", "gen_ai_token_type", "gen_ai_provider_name", "gen_ai_operation_name"],
+            buckets=_TOKEN_BUCKETS,
+            registry=self.registry,
+        )
+        self.cost = Counter(
+            "extguard_cost_usd",
+            "Cost of the committed usage in USD at the policy's prices, by tenant and model.",
+            ["tenant", "gen_ai_request_model"],
+            registry=self.registry,
+        )
+        self.guard_decisions = Counter(
+            "extguard_guard_decisions",
+            "Guard verdicts, one per scanned request or response: allow, modify (masked) or deny (blocked).",
+            ["direction", "verdict", "tenant"],
+            registry=self.registry,
+        )
+        self.scan_duration = Histogram(
+            "extguard_scan_duration_seconds",
+            "Time one detector took to scan one request or response body, by direction and detector.",
+            ["direction", "detector"],
+            buckets=_DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.budget_used = Gauge(
+            "extguard_budget_used",
+            "Used amount of each tenant budget in its current window period, as of the last check (tokens, or USD for cost_usd).",
+            ["tenant", "window", "metric"],
+            registry=self.registry,
+        )
+        self.budget_limit = Gauge(
+            "extguard_budget_limit",
+            "Hard limit of each tenant budget (tokens, or USD for cost_usd).",
+            ["tenant", "window", "metric"],
+            registry=self.registry,
+        )
+        self.budget_remaining = Gauge(
+            "extguard_budget_remaining",
+            "What is left of each tenant budget in its current window period, as of the last check; reservations count as used.",
+            ["tenant", "window", "metric"],
+            registry=self.registry,
+        )
+        self.reservations_in_flight = Gauge(
+            "extguard_budget_reservations_in_flight",
+            "Requests holding a budget reservation that is not yet committed, in this replica.",
+            registry=self.registry,
+        )
+        self.failure_mode_activations = Counter(
+            "extguard_failure_mode_activations",
+            "Times a stage could not complete and its failure mode decided, by stage and mode (open, closed or spool).",
+            ["stage", "mode"],
+            registry=self.registry,
+        )
+        self.stream_duration = Histogram(
+            "extguard_extproc_stream_duration_seconds",
+            "Lifetime of one ext_proc stream, from request headers to the last response chunk.",
+            buckets=_STREAM_BUCKETS,
             registry=self.registry,
         )

@@ -60,6 +60,13 @@ class RequestTrace:
         self._context = trace.set_span_in_context(self._span, parent)
         set_attributes(self._span, {"extguard.request_id": request_id, "url.path": path.split("?", 1)[0]})
 
+    @property
+    def trace_id(self) -> str:
+        """The trace id in hex, or "" when nothing is traced."""
+        span = self._span
+        context = span.get_span_context() if span is not None else None
+        return format(context.trace_id, "032x") if context is not None and context.is_valid else ""
+
     def note_request(self, *, operation: str, provider: str, model: str | None, max_tokens: int | None, tenant: str | None) -> None:
         """Record what the request asks for: the GenAI operation, provider, model and output cap."""
         attributes = {
@@ -173,23 +180,32 @@ class GuardStage:
         self._direction = direction
         self._started = time.perf_counter()
         self._findings: Counter[tuple[str, str, str, str]] = Counter()  # (rule, detector, entity, action)
+        self.entities: Counter[str] = Counter()  # entity type -> count, once finished
         set_attributes(span, {
             "gen_ai.operation.name": "run_guardrail",
             "gen_ai.security.guardrail.name": GUARDRAIL_NAME,
             "gen_ai.security.target.type": target,
         })  # fmt: skip
 
+    @property
+    def detectors(self) -> list[str]:
+        return sorted({detector for _, detector, _, _ in self._findings})
+
+    @property
+    def rules(self) -> list[str]:
+        return sorted({rule for rule, _, _, _ in self._findings})
+
     def add_hits(self, hits: Iterable[Any]) -> None:
         """Count findings by rule, detector, entity type and action (from `scan.engine.Hit`)."""
         for hit in hits:
             self._findings[(hit.rule.name, hit.rule.detector.name, hit.finding.entity_type, hit.rule.action.value)] += 1
 
-    def finish(self, *, blocked: bool, policy: str, end: bool = True) -> None:
-        """Record the verdict and, unless `end` is False (a stream goes on), close the span."""
+    def finish(self, *, blocked: bool, policy: str, end: bool = True) -> str:
+        """Record the verdict and, unless `end` is False (a stream goes on), close the span; return the verdict."""
         modified = any(action == "mask" for *_, action in self._findings)
         verdict = "deny" if blocked else "modify" if modified else "allow"
         action = "block" if blocked else "redact" if modified else "allow"
-        entities = Counter()
+        entities = self.entities
         for (rule, detector, entity, rule_action), count in sorted(self._findings.items()):
             entities[entity] += count
             self._span.add_event("gen_ai.security.finding", {
@@ -217,3 +233,4 @@ class GuardStage:
             self._owner.facts[f"{self._direction}_findings"] = summary
         if end:
             self._span.end()
+        return verdict

@@ -92,6 +92,7 @@ class Stack:
     extra_ports: tuple[str, ...] = ()
     otel_collector_port: int | None = None  # where Envoy exports spans; None: a free port, so they are dropped
     extra_env: dict[str, str] = field(default_factory=dict)
+    extra_args: tuple[str, ...] = ()  # more `extguard serve` options, such as ("--audit-sink", "file:...")
     # Logs and the rendered bootstrap. A folder the stack creates itself is removed by stop()
     # unless a process failed to start, so its logs can be read.
     work_dir: Path | None = None
@@ -161,6 +162,7 @@ class Stack:
                 "--metrics-listen", f"127.0.0.1:{self.metrics_port}",
                 "--grace-period-seconds", "2",
                 "--log-level", self.log_level,
+                *self.extra_args,
             ]  # fmt: skip
             self._spawn("extguard", command)
             self._wait_grpc_health(self.extguard_port, "extguard")
