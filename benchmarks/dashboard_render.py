@@ -1,12 +1,12 @@
 """Render the Grafana dashboard's panels from a real run, without Grafana.
 
-Grafana is not installable from this machine's package registries, so this script draws the
+Grafana is not installable from this machine's package registries. So this script draws the
 same panels as `grafana/extguard-dashboard.json` with matplotlib, from Prometheus data scraped
-during a scripted run: Envoy, extguard with a Redis budget store and the mock upstream on
-loopback, three tenants sending JSON and streamed requests with PII, one tenant running out of
-budget, and a short Redis outage in failure mode open.
+during a scripted run. The run has Envoy, extguard with a Redis budget store and the mock
+upstream on loopback, three tenants sending JSON and streamed requests with PII, one tenant
+running out of budget, and a short Redis outage in failure mode open.
 
-Run from the repository root, after `.venv/bin/pip install matplotlib`:
+Run from the repository root, after `.venv/bin/pip install -e '.[dashboard]'`:
 
     .venv/bin/python benchmarks/dashboard_render.py --seconds 60 --output docs/images/dashboard.png
 """
@@ -247,7 +247,7 @@ def main() -> int:
     with RedisServer() as redis_server, tempfile.TemporaryDirectory() as work:
         policy = Path(work) / "policy.yaml"
         policy.write_text(policy_text(redis_server.url), encoding="utf-8")
-        with Stack(policy=policy, work_dir=Path(work) / "stack") as stack:
+        with Stack(policy=policy, work_dir=Path(work)) as stack:
             stop = threading.Event()
             threads = [threading.Thread(target=traffic, args=(stack, stop, seed), daemon=True) for seed in range(args.clients)]
             for thread in threads:

@@ -1,8 +1,8 @@
 """Traces, dynamic metadata and the access log, end to end through a real Envoy.
 
 Envoy (OpenTelemetry tracer) and extguard (OTLP exporter, configured by OTEL_* variables) both
-export to an OTLP/gRPC collector that the test runs in process, so the test sees every span of
-a request as a tracing backend would.
+export to an OTLP/gRPC collector that the test runs in process. The test thus receives every
+span of a request, as a tracing backend would.
 """
 
 from __future__ import annotations
@@ -181,6 +181,10 @@ def test_one_trace_with_envoy_and_extguard_spans(traced) -> None:  # type: ignor
         assert envoy_call.parent_id == envoy_request.span_id
     assert guard_input.parent_id == extproc.span_id
     assert guard_output.parent_id == extproc.span_id
+    assert by_name(spans, "extguard.budget.reserve").parent_id == extproc.span_id
+    commit = by_name(spans, "extguard.budget.commit")
+    assert commit.parent_id == extproc.span_id
+    assert commit.attributes["gen_ai.usage.output_tokens"] == answer.usage.completion_tokens
 
     # GenAI attributes on extguard's request span.
     assert extproc.attributes["gen_ai.operation.name"] == "chat"

@@ -430,3 +430,38 @@ def test_metric_labels_bounded() -> None:
 
     assert [metrics.tenant(name) for name in ("acme", "globex", "initech", "acme")] == ["acme", "globex", "other", "acme"]
     assert metrics.model("gpt-4o") == "gpt-4o"
+
+
+def test_audit_sinks(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """file: and syslog: sinks receive one JSON event per line; an unknown sink is rejected."""
+    import json
+    import logging
+    import socket
+
+    from extguard.telemetry.logs import AUDIT_LOGGER, audit, audit_handler
+
+    logger = logging.getLogger(AUDIT_LOGGER)
+    path = tmp_path / "syslog.sock"
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(path))
+    receiver.settimeout(5)
+    handlers = [audit_handler(f"file:{tmp_path / 'audit.jsonl'}"), audit_handler(f"syslog:{path}")]
+    previous = logger.handlers[:], logger.propagate, logger.level
+    logger.handlers[:], logger.propagate = handlers, False
+    logger.setLevel(logging.INFO)
+    try:
+        audit("guard_decision", direction="request", entity_types={"EMAIL_ADDRESS": 2}, user=None)
+        datagram = receiver.recv(4096).decode()
+    finally:
+        logger.handlers[:], logger.propagate, _ = previous
+        logger.setLevel(previous[2])
+        for handler in handlers:
+            handler.close()
+        receiver.close()
+
+    (line,) = (tmp_path / "audit.jsonl").read_text(encoding="utf-8").splitlines()
+    event = json.loads(line)
+    assert (event["event"], event["entity_types"], "user" in event) == ("guard_decision", {"EMAIL_ADDRESS": 2}, False)
+    assert datagram.startswith("<") and '"event": "guard_decision"' in datagram
+    with pytest.raises(ValueError, match="use stdout, file:PATH or syslog"):
+        audit_handler("kafka:topic")

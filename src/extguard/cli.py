@@ -41,6 +41,13 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
         help="log level; DEBUG adds one line per request with the entity types found (default %(default)s)",
     )
     parser.add_argument(
+        "--max-label-values",
+        type=int,
+        default=100,
+        metavar="N",
+        help="distinct tenants, and models, that keep their own metric label; later ones count as 'other' (default %(default)s)",
+    )
+    parser.add_argument(
         "--log-format",
         default="json",
         choices=["json", "text"],
@@ -64,6 +71,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         metrics_listen=None if args.metrics_listen == "off" else args.metrics_listen,
         grace_period_seconds=args.grace_period_seconds,
         admin_listen=args.admin_listen,
+        max_label_values=args.max_label_values,
     )
     try:
         asyncio.run(serve(args.config, settings))

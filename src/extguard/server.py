@@ -22,7 +22,7 @@ from extguard.extproc.exchange import Runtime
 from extguard.extproc.service import ExternalProcessor
 from extguard.scan.detectors import default_detectors
 from extguard.scan.redact import Masker
-from extguard.telemetry.metrics import Metrics
+from extguard.telemetry.metrics import DEFAULT_MAX_LABEL_VALUES, Metrics
 from extguard.telemetry.tracing import build_tracer
 from extguard.v1 import admin_pb2_grpc
 
@@ -40,6 +40,7 @@ class ServerSettings:
     metrics_listen: str | None = "127.0.0.1:9464"  # host:port of /metrics (port 0 picks one); None: off
     grace_period_seconds: float = 10.0  # how long streams in flight may finish after SIGTERM
     admin_listen: str | None = None  # host:port of the budget admin API; None: off
+    max_label_values: int = DEFAULT_MAX_LABEL_VALUES  # distinct tenants (and models) per metric label before "other"
 
 
 def build_runtime(policy_path: str | Path, metrics: Metrics | None = None) -> Runtime:
@@ -139,7 +140,7 @@ async def serve(policy_path: str | Path, settings: ServerSettings) -> None:
     split_host_port(settings.listen, "--listen")
     if settings.metrics_listen:
         metrics_host, metrics_port = split_host_port(settings.metrics_listen, "--metrics-listen")
-    runtime = build_runtime(policy_path)
+    runtime = build_runtime(policy_path, Metrics(max_label_values=settings.max_label_values))
     if runtime.policies.hash_key_is_random and runtime.policies.uses_hash_masks:
         log.warning(
             "%s is not set, so the hash mask style uses a random key: its tokens change on every restart "

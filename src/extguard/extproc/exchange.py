@@ -46,7 +46,7 @@ from extguard.scan.stream import StreamGuard
 from extguard.telemetry.logs import audit, bind_request
 from extguard.telemetry.metrics import Metrics
 from extguard.telemetry.request_trace import GuardStage, RequestTrace
-from extguard.telemetry.tracing import SPAN_RESERVE
+from extguard.telemetry.tracing import SPAN_COMMIT, SPAN_RESERVE
 
 from opentelemetry.trace import NoOpTracer, Tracer
 
@@ -286,7 +286,14 @@ class Exchange:
                 )  # fmt: skip
                 self._count_tokens("", reported.input_tokens, reported.output_tokens, None)
             return
+        span = self.trace.budget_span(SPAN_COMMIT)
         committed = await self.meter.settle(reported, output_chars)
+        span.set_attributes({
+            "gen_ai.usage.input_tokens": committed.usage.input_tokens,
+            "gen_ai.usage.output_tokens": committed.usage.output_tokens,
+            "extguard.cost_usd": committed.cost_usd,
+        })  # fmt: skip
+        span.end()
         self.trace.note_response(
             input_tokens=committed.usage.input_tokens, output_tokens=committed.usage.output_tokens,
             cached_input_tokens=committed.usage.cached_input_tokens, cost_usd=committed.cost_usd,

@@ -1,9 +1,9 @@
 """What extguard records about one LLM request: spans, and facts for Envoy's dynamic metadata.
 
 One `RequestTrace` lives as long as an ext_proc stream. It opens the `extguard.ext_proc` span
-when the request headers arrive, a `run_guardrail llm_input` span around the request scan, a
-`run_guardrail llm_output` span over the response scan (from the first response byte to the
-last for a stream), and budget spans around the reservation and the commit. The same facts go
+when the request headers arrive and a `run_guardrail llm_input` span around the request scan.
+A `run_guardrail llm_output` span covers the response scan, from the first response byte to the
+last for a stream, and budget spans cover the reservation and the commit. The same facts go
 into `facts`, which the service sends to Envoy as dynamic metadata under the `extguard`
 namespace, so Envoy's own span (custom tags) and access log show them without extguard's spans.
 
@@ -68,7 +68,7 @@ class RequestTrace:
         return format(context.trace_id, "032x") if context is not None and context.is_valid else ""
 
     def note_request(self, *, operation: str, provider: str, model: str | None, max_tokens: int | None, tenant: str | None) -> None:
-        """Record what the request asks for: the GenAI operation, provider, model and output cap."""
+        """Record the request's GenAI operation, provider, model and output cap."""
         attributes = {
             "gen_ai.operation.name": operation,
             "gen_ai.provider.name": provider,
@@ -203,8 +203,13 @@ class GuardStage:
     def finish(self, *, blocked: bool, policy: str, end: bool = True) -> str:
         """Record the verdict and, unless `end` is False (a stream goes on), close the span; return the verdict."""
         modified = any(action == "mask" for *_, action in self._findings)
-        verdict = "deny" if blocked else "modify" if modified else "allow"
-        action = "block" if blocked else "redact" if modified else "allow"
+        if blocked:
+            verdict, action = "deny", "block"
+        elif modified:
+            verdict, action = "modify", "redact"
+        else:
+            verdict, action = "allow", "allow"
+
         entities = self.entities
         for (rule, detector, entity, rule_action), count in sorted(self._findings.items()):
             entities[entity] += count
@@ -216,6 +221,7 @@ class GuardStage:
                 "extguard.detector": detector,
                 "extguard.finding.count": count,
             })  # fmt: skip
+
         summary = ",".join(f"{entity}:{count}" for entity, count in sorted(entities.items()))
         set_attributes(self._span, {
             "gen_ai.security.verdict.type": verdict,
@@ -228,6 +234,7 @@ class GuardStage:
         })  # fmt: skip
         if blocked:
             self._span.set_status(Status(StatusCode.ERROR, "blocked by policy"))
+
         self._owner.facts[f"{self._direction}_action"] = action
         if summary:
             self._owner.facts[f"{self._direction}_findings"] = summary
