@@ -6,6 +6,9 @@ during a scripted run. The run has Envoy, extguard with a Redis budget store and
 upstream on loopback, three tenants sending JSON and streamed requests with PII, one tenant
 running out of budget, and a short Redis outage in failure mode open.
 
+Each client thread sends about 10 to 15 requests per second, so the default run (4 clients, 60 s)
+sends a few thousand requests to the mock upstream on loopback.
+
 Run from the repository root, after `.venv/bin/pip install -e '.[dashboard]'`:
 
     .venv/bin/python benchmarks/dashboard_render.py --seconds 60 --output docs/images/dashboard.png

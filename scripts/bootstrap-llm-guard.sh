@@ -23,5 +23,6 @@ if [ ! -f "$llm_guard_stamp" ] || [ "$(cat "$llm_guard_stamp")" != "$llm_guard_w
     "$llm_guard_venv/bin/python" -m pip install --quiet --upgrade pip
     "$llm_guard_venv/bin/python" -m pip install --quiet "$torch_requirement"
     "$llm_guard_venv/bin/python" -m pip install --quiet -e "$repo_root[test,llm-guard]"
+    repair_otel_protos "$llm_guard_venv"
     echo "$llm_guard_wanted" > "$llm_guard_stamp"
 fi

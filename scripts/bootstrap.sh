@@ -28,6 +28,17 @@ if ! command -v redis-server >/dev/null 2>&1; then
     fi
 fi
 
+# xds-protos ships an old copy of the opentelemetry/proto modules. When pip installs it after
+# opentelemetry-proto, it replaces that package's files, and the OTLP exporter cannot load. Put
+# the files of the installed opentelemetry-proto version back.
+repair_otel_protos() {
+    local version
+    version=$("$1/bin/python" -m pip show opentelemetry-proto 2>/dev/null | sed -n 's/^Version: //p')
+    if [ -n "$version" ]; then
+        "$1/bin/python" -m pip install --quiet --force-reinstall --no-deps "opentelemetry-proto==$version"
+    fi
+}
+
 if [ ! -x "$venv/bin/python" ]; then
     echo "Creating $venv ..."
     "$python_bin" -m venv "$venv"
@@ -40,6 +51,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$wanted" ]; then
     echo "Installing extguard and its dependencies into $venv ..."
     "$venv/bin/python" -m pip install --quiet --upgrade pip
     "$venv/bin/python" -m pip install --quiet -e "$repo_root[test]"
+    repair_otel_protos "$venv"
     echo "$wanted" > "$stamp"
 fi
 

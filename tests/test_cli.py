@@ -94,3 +94,10 @@ def test_serve_rejects_port_only_metrics_address() -> None:
 
     assert result.returncode == 1
     assert "error: --metrics-listen: invalid address '9464'" in result.stderr
+
+
+def test_otlp_protos_are_the_exporters() -> None:
+    """xds-protos ships an old copy of opentelemetry/proto; the installed one must be the exporter's."""
+    from opentelemetry.proto.trace.v1 import trace_pb2
+
+    assert "scope_spans" in trace_pb2.ResourceSpans.DESCRIPTOR.fields_by_name

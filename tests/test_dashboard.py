@@ -33,6 +33,6 @@ def test_dashboard_queries_known_metrics() -> None:
     # Label names (after "by (") look like metric names too; drop them.
     labels = {name for expression in expressions for group in re.findall(r"by \(([^)]*)\)", expression) for name in re.split(r",\s*", group)}
     queried = {name for expression in expressions for name in re.findall(r"\b(?:gen_ai|extguard)_\w+", expression)} - labels
-    assert len(dashboard["panels"]) == 8
+    assert len(dashboard["panels"]) == 9
     assert queried, "no metric in the dashboard"
     assert sorted(queried - known) == []

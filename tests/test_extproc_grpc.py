@@ -465,3 +465,7 @@ def test_audit_sinks(tmp_path) -> None:  # type: ignore[no-untyped-def]
     assert datagram.startswith("<") and '"event": "guard_decision"' in datagram
     with pytest.raises(ValueError, match="use stdout, file:PATH or syslog"):
         audit_handler("kafka:topic")
+    with pytest.raises(FileNotFoundError):
+        audit_handler(f"syslog:{tmp_path / 'missing.sock'}")
+    with pytest.raises(ValueError, match="is not a socket"):
+        audit_handler(f"syslog:{tmp_path / 'audit.jsonl'}")

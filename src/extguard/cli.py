@@ -65,6 +65,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     from extguard.config.loader import PolicyError
     from extguard.scan.deep import DeepEngineError
     from extguard.server import ServerSettings, serve
+    from extguard.telemetry.tracing import TracingUnavailable
 
     settings = ServerSettings(
         listen=args.listen,
@@ -78,7 +79,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     except PolicyError as error:
         print(error, file=sys.stderr)
         return 2
-    except (OSError, DeepEngineError) as error:
+    except (OSError, DeepEngineError, TracingUnavailable) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

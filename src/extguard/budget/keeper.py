@@ -19,7 +19,7 @@ from extguard.budget.spool import Spool, SpooledCommit
 from extguard.budget.store import BudgetStore, Counter, LedgerEntry
 from extguard.config.tenancy import Price, StoreBackend, Tenancy
 from extguard.telemetry.logs import audit
-from extguard.telemetry.metrics import Metrics
+from extguard.telemetry.metrics import OTHER, Metrics
 
 log = logging.getLogger("extguard.budget")
 T = TypeVar("T")
@@ -154,9 +154,15 @@ class BudgetKeeper:
         return PreCheck(warnings=warnings)
 
     def _show_budget(self, tenant: str, window: str, metric: str, used: int, spent: int, limit: int) -> None:
-        """Update the budget gauges of a tenant window, in USD for cost budgets."""
+        """Update the budget gauges of a tenant window, in USD for cost budgets.
+
+        Tenants whose label folded into `other` get no gauges: one series cannot hold several budgets.
+        """
         scale = NANOS_PER_USD if metric == "cost_usd" else 1
-        labels = (self.metrics.tenant(tenant), window, metric)
+        label = self.metrics.tenant(tenant)
+        if label == OTHER and tenant != OTHER:
+            return
+        labels = (label, window, metric)
         self.metrics.budget_used.labels(*labels).set(used / scale)
         self.metrics.budget_limit.labels(*labels).set(limit / scale)
         self.metrics.budget_remaining.labels(*labels).set(max(limit - spent, 0) / scale)

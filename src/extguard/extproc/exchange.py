@@ -698,6 +698,7 @@ class Exchange:
         self, status: int, message: str, code: str, details: str, headers: dict[str, str] | None = None
     ) -> ext_proc.ProcessingResponse:
         self.finished = True
+        self.trace.note_response(status=status)  # what the client gets, not what the upstream sent
         body = self._api().error_body(status, message, code)
         return messages.immediate_reply(status, body, details, {**_JSON_HEADERS, **(headers or {})})
 

@@ -16,6 +16,8 @@ import contextvars
 import json
 import logging
 import logging.handlers
+import os
+import stat
 import sys
 import time
 from collections.abc import Mapping
@@ -44,6 +46,15 @@ class RequestContextFilter(logging.Filter):
         return True
 
 
+class TextFormatter(logging.Formatter):
+    """The usual text line, followed by the request and trace ids when a request is handled."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        ids = [f"{name} {value}" for name, value in (("request", getattr(record, "request_id", "")), ("trace", getattr(record, "trace_id", ""))) if value]
+        return f"{line} [{', '.join(ids)}]" if ids else line
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, request_id, trace_id."""
 
@@ -70,7 +81,7 @@ def configure_logging(level: str, log_format: str, audit_sink: str) -> None:
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s [request %(request_id)s trace %(trace_id)s]"))
+        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -87,6 +98,8 @@ def audit_handler(sink: str) -> logging.Handler:
     elif sink.startswith("file:") and len(sink) > 5:
         handler = logging.FileHandler(sink[5:], encoding="utf-8")
     elif sink.startswith("syslog:") and sink[7:].startswith("/"):
+        if not stat.S_ISSOCK(os.stat(sink[7:]).st_mode):  # raises FileNotFoundError when missing
+            raise ValueError(f"--audit-sink {sink!r}: {sink[7:]} is not a socket")
         handler = logging.handlers.SysLogHandler(address=sink[7:], facility=logging.handlers.SysLogHandler.LOG_AUTH)
     else:
         raise ValueError(f"--audit-sink {sink!r}: use stdout, file:PATH or syslog:/path/to/socket")

@@ -37,6 +37,8 @@ GUARDRAIL_NAME = "extguard"
 # Draft GenAI security conventions: what was checked, the verdict, and what extguard enforced.
 TARGET_INPUT = "llm_input"
 TARGET_OUTPUT = "llm_output"
+# Rule actions in the draft convention's words: a masked value is redacted; `log` only records.
+_ACTIONS = {"mask": "redact", "block": "block", "log": "allow"}
 
 
 class RequestTrace:
@@ -139,9 +141,10 @@ class RequestTrace:
         return GuardStage(self, self._response_span, TARGET_OUTPUT, "response")
 
     def end_response_stage(self) -> None:
-        if self._response_span is not None:
-            self._response_span.end()
-            self._response_span = None
+        """End the response scan's span unless its stage already finished it."""
+        span, self._response_span = self._response_span, None
+        if span is not None and span.is_recording():
+            span.end()
 
     def budget_span(self, name: str) -> trace.Span:
         """Return a started child span for a budget step (SPAN_RESERVE or SPAN_COMMIT)."""
@@ -216,7 +219,7 @@ class GuardStage:
             self._span.add_event("gen_ai.security.finding", {
                 "gen_ai.security.risk.finding": entity,
                 "gen_ai.security.policy.rule.id": rule,
-                "gen_ai.security.action.type": rule_action,
+                "gen_ai.security.action.type": _ACTIONS.get(rule_action, rule_action),
                 "gen_ai.security.target.type": self._target,
                 "extguard.detector": detector,
                 "extguard.finding.count": count,

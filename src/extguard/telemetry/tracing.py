@@ -42,6 +42,10 @@ SPAN_RESERVE = "extguard.budget.reserve"
 SPAN_COMMIT = "extguard.budget.commit"
 
 
+class TracingUnavailable(RuntimeError):
+    """Tracing is configured, but its exporter cannot be loaded."""
+
+
 def tracing_enabled(environ: Mapping[str, str] = os.environ) -> bool:
     """Return whether the OTEL_* variables ask for exported spans."""
     if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
@@ -56,7 +60,15 @@ def build_tracer(environ: Mapping[str, str] = os.environ) -> tuple[Tracer, Any]:
     if not tracing_enabled(environ):
         return NoOpTracer(), None
 
-    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    try:
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    except ImportError as error:
+        # xds-protos ships an old copy of the opentelemetry/proto modules; installed after
+        # opentelemetry-proto, it replaces that package's files (scripts/bootstrap.sh repairs it).
+        raise TracingUnavailable(
+            f"tracing is on (OTEL_EXPORTER_OTLP_ENDPOINT) but the OTLP exporter cannot load: {error}. "
+            "Reinstall the exporter's protos: pip install --force-reinstall --no-deps opentelemetry-proto"
+        ) from None
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
