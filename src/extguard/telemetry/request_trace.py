@@ -1,4 +1,4 @@
-"""What extguard records about one LLM request: spans, and facts for Envoy's dynamic metadata.
+"""The record of one LLM request: spans, and facts for Envoy's dynamic metadata.
 
 One `RequestTrace` lives as long as an ext_proc stream. It opens the `extguard.ext_proc` span
 when the request headers arrive and a `run_guardrail llm_input` span around the request scan.
