@@ -433,39 +433,50 @@ def test_metric_labels_bounded() -> None:
 
 
 def test_audit_sinks(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """file: and syslog: sinks receive one JSON event per line; an unknown sink is rejected."""
+    """file: and syslog: sinks receive one JSON event per line; bad sinks are rejected."""
     import json
-    import logging
     import socket
 
-    from extguard.telemetry.logs import AUDIT_LOGGER, audit, audit_handler
+    from extguard.telemetry.logs import open_audit_sink
 
-    logger = logging.getLogger(AUDIT_LOGGER)
     path = tmp_path / "syslog.sock"
     receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     receiver.bind(str(path))
     receiver.settimeout(5)
-    handlers = [audit_handler(f"file:{tmp_path / 'audit.jsonl'}"), audit_handler(f"syslog:{path}")]
-    previous = logger.handlers[:], logger.propagate, logger.level
-    logger.handlers[:], logger.propagate = handlers, False
-    logger.setLevel(logging.INFO)
+    sinks = [open_audit_sink(f"file:{tmp_path / 'audit.jsonl'}"), open_audit_sink(f"syslog:{path}")]
     try:
-        audit("guard_decision", direction="request", entity_types={"EMAIL_ADDRESS": 2}, user=None)
+        for sink in sinks:
+            sink.emit(json.dumps({"event": "guard_decision", "entity_types": {"EMAIL_ADDRESS": 2}}))  # no loop runs: written at once
         datagram = receiver.recv(4096).decode()
     finally:
-        logger.handlers[:], logger.propagate, _ = previous
-        logger.setLevel(previous[2])
-        for handler in handlers:
-            handler.close()
+        for sink in sinks:
+            sink.close()
         receiver.close()
 
     (line,) = (tmp_path / "audit.jsonl").read_text(encoding="utf-8").splitlines()
-    event = json.loads(line)
-    assert (event["event"], event["entity_types"], "user" in event) == ("guard_decision", {"EMAIL_ADDRESS": 2}, False)
-    assert datagram.startswith("<") and '"event": "guard_decision"' in datagram
+    assert json.loads(line) == {"event": "guard_decision", "entity_types": {"EMAIL_ADDRESS": 2}}
+    assert datagram.startswith("<38>{")
     with pytest.raises(ValueError, match="use stdout, file:PATH or syslog"):
-        audit_handler("kafka:topic")
+        open_audit_sink("kafka:topic")
     with pytest.raises(FileNotFoundError):
-        audit_handler(f"syslog:{tmp_path / 'missing.sock'}")
+        open_audit_sink(f"syslog:{tmp_path / 'missing.sock'}")
     with pytest.raises(ValueError, match="is not a socket"):
-        audit_handler(f"syslog:{tmp_path / 'audit.jsonl'}")
+        open_audit_sink(f"syslog:{tmp_path / 'audit.jsonl'}")
+
+
+async def test_audit_lines_batched_on_the_event_loop(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    from extguard.telemetry.logs import AuditSink, open_audit_sink
+
+    target = tmp_path / "audit.jsonl"
+    sink = open_audit_sink(f"file:{target}")
+    sink.emit('{"event": "one"}')
+    sink.emit('{"event": "two"}')
+    before = target.read_text(encoding="utf-8")
+    await asyncio.sleep(AuditSink.FLUSH_DELAY_S + 0.2)
+    after = target.read_text(encoding="utf-8")
+    sink.close()
+
+    assert before == ""
+    assert after.splitlines() == ['{"event": "one"}', '{"event": "two"}']

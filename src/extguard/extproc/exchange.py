@@ -307,9 +307,9 @@ class Exchange:
         context = (_provider_name(self._api(), self.path), "chat")
         for token_type, tokens in (("input", input_tokens), ("output", output_tokens)):
             if tokens is not None:
-                metrics.token_usage.labels(*labels, token_type, *context).observe(tokens)
+                metrics.child(metrics.token_usage, *labels, token_type, *context).observe(tokens)
         if cost_usd:
-            metrics.cost.labels(*labels).inc(cost_usd)
+            metrics.child(metrics.cost, *labels).inc(cost_usd)
 
     def abandon(self) -> None:
         """Settle in the background when the stream ended early (client gone, reset, error)."""
@@ -535,7 +535,8 @@ class Exchange:
     def _count_verdict(self, direction: str, stage: GuardStage, verdict: str) -> None:
         """Count the verdict, and write an audit event when the scan found anything."""
         tenant = self.meter.tenant if self.meter is not None else ""
-        self.runtime.metrics.guard_decisions.labels(direction, verdict, self.runtime.metrics.tenant(tenant)).inc()
+        metrics = self.runtime.metrics
+        metrics.child(metrics.guard_decisions, direction, verdict, metrics.tenant(tenant)).inc()
         if not stage.entities:
             return
         audit(
@@ -674,7 +675,7 @@ class Exchange:
                 slot.set(new_text)
                 changed = True
         for detector, seconds in timings.items():
-            self.runtime.metrics.scan_duration.labels(direction, detector).observe(seconds)
+            self.runtime.metrics.child(self.runtime.metrics.scan_duration, direction, detector).observe(seconds)
         return hits, blocking, changed
 
     def _record_hits(self, direction: str, hits: list[Hit]) -> None:
@@ -682,7 +683,7 @@ class Exchange:
             return
         counter = self.runtime.metrics.guard_hits
         for hit in hits:
-            counter.labels(direction, hit.rule.name, hit.rule.detector.name, hit.finding.entity_type, hit.rule.action.value).inc()
+            self.runtime.metrics.child(counter, direction, hit.rule.name, hit.rule.detector.name, hit.finding.entity_type, hit.rule.action.value).inc()
         if not log.isEnabledFor(logging.DEBUG):
             return
         summary = ", ".join(f"{name}={count}" for name, count in sorted(Counter(h.finding.entity_type for h in hits).items()))

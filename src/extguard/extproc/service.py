@@ -13,6 +13,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_gr
 from extguard.extproc.exchange import Exchange, Runtime
 
 log = logging.getLogger("extguard.extproc")
+_METADATA_KINDS = frozenset({"request_body", "response_trailers"})
 
 
 class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):
@@ -39,12 +40,15 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):
             async for request in request_iterator:
                 started = time.perf_counter()
                 response = await exchange.handle(request)
-                facts = exchange.trace.take_metadata()
-                if facts is not None:
-                    response.dynamic_metadata.CopyFrom(facts)
                 kind = request.WhichOneof("request") or "unknown"
-                metrics.messages.labels(kind).inc()
-                metrics.message_duration.labels(kind).observe(time.perf_counter() - started)
+                if kind in _METADATA_KINDS or exchange.finished or (kind == "response_body" and request.response_body.end_of_stream):
+                    # Envoy reads the facts when the request ends: send them once the request is
+                    # scanned (in case the response never comes) and with the last reply.
+                    facts = exchange.trace.take_metadata()
+                    if facts is not None:
+                        response.dynamic_metadata.CopyFrom(facts)
+                metrics.child(metrics.messages, kind).inc()
+                metrics.child(metrics.message_duration, kind).observe(time.perf_counter() - started)
                 yield response
                 if exchange.finished:
                     # After an ImmediateResponse Envoy sends nothing more on this stream.

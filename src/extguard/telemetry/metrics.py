@@ -13,6 +13,7 @@ tokens per request with `gen_ai.token.type` input or output) to Prometheus conve
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -47,12 +48,15 @@ class BoundedLabel:
 
 
 class Metrics:
+    # NOTE: `child` caches labelled children for the per-message hot path; prometheus_client's
+    # `labels()` validates and locks on every call, which costs a few microseconds each.
     """The counters and histograms extguard updates; label values never contain payload text."""
 
     def __init__(self, registry: CollectorRegistry | None = None, max_label_values: int = DEFAULT_MAX_LABEL_VALUES) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.tenant = BoundedLabel(max_label_values)
         self.model = BoundedLabel(max_label_values)
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.streams = Counter(
             "extguard_extproc_streams",
             "ext_proc Process streams opened by Envoy (one per HTTP request).",
@@ -201,3 +205,11 @@ class Metrics:
             buckets=_STREAM_BUCKETS,
             registry=self.registry,
         )
+
+    def child(self, metric: Any, *values: str) -> Any:
+        """Return `metric.labels(*values)`, cached; for label values that are already bounded."""
+        key = (id(metric), values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found

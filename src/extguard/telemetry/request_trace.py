@@ -20,7 +20,7 @@ from typing import Any
 
 from google.protobuf import struct_pb2
 from opentelemetry import trace
-from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace import NoOpTracer, SpanKind, Status, StatusCode, Tracer
 
 from extguard.telemetry.tracing import (
     SPAN_COMMIT,
@@ -52,22 +52,28 @@ class RequestTrace:
         self._context: Any = None
         self.facts: dict[str, Any] = {}
         self._sent: dict[str, Any] = {}
+        self._trace_id = ""
 
     # -- the request span ----------------------------------------------------------------------
 
     def begin(self, http_headers: Mapping[str, str], request_id: str, path: str) -> None:
         """Open the request span, continuing Envoy's trace (or the client's)."""
-        parent = parent_context(self._grpc_metadata, {"traceparent": http_headers.get("traceparent", "")} if "traceparent" in http_headers else None)
+        client_traceparent = http_headers.get("traceparent")
+        if isinstance(self._tracer, NoOpTracer):
+            # Tracing is off: no spans, but log lines still get the trace id Envoy or the client sent.
+            self._trace_id = _trace_id_of(dict(self._grpc_metadata).get("traceparent")) or _trace_id_of(client_traceparent)
+            return
+        parent = parent_context(self._grpc_metadata, {"traceparent": client_traceparent} if client_traceparent else None)
         self._span = self._tracer.start_span(SPAN_EXTPROC, context=parent, kind=SpanKind.SERVER)
         self._context = trace.set_span_in_context(self._span, parent)
         set_attributes(self._span, {"extguard.request_id": request_id, "url.path": path.split("?", 1)[0]})
+        context = self._span.get_span_context()
+        self._trace_id = format(context.trace_id, "032x") if context.is_valid else ""
 
     @property
     def trace_id(self) -> str:
-        """The trace id in hex, or "" when nothing is traced."""
-        span = self._span
-        context = span.get_span_context() if span is not None else None
-        return format(context.trace_id, "032x") if context is not None and context.is_valid else ""
+        """The trace id in hex, or "" when none is known."""
+        return self._trace_id
 
     def note_request(self, *, operation: str, provider: str, model: str | None, max_tokens: int | None, tenant: str | None) -> None:
         """Record the request's GenAI operation, provider, model and output cap."""
@@ -160,7 +166,15 @@ class RequestTrace:
             return None
         self._sent.update(changed)
         metadata = struct_pb2.Struct()
-        metadata.update({METADATA_NAMESPACE: changed})
+        fields = metadata.fields[METADATA_NAMESPACE].struct_value.fields
+        for key, value in changed.items():
+            # Set each value directly: Struct.update walks every value generically and is slower.
+            if isinstance(value, str):
+                fields[key].string_value = value
+            elif isinstance(value, bool):
+                fields[key].bool_value = value
+            else:
+                fields[key].number_value = value
         return metadata
 
     # -- internals -----------------------------------------------------------------------------
@@ -214,8 +228,11 @@ class GuardStage:
             verdict, action = "allow", "allow"
 
         entities = self.entities
+        recording = self._span.is_recording()
         for (rule, detector, entity, rule_action), count in sorted(self._findings.items()):
             entities[entity] += count
+            if not recording:
+                continue
             self._span.add_event("gen_ai.security.finding", {
                 "gen_ai.security.risk.finding": entity,
                 "gen_ai.security.policy.rule.id": rule,
@@ -226,15 +243,16 @@ class GuardStage:
             })  # fmt: skip
 
         summary = ",".join(f"{entity}:{count}" for entity, count in sorted(entities.items()))
-        set_attributes(self._span, {
-            "gen_ai.security.verdict.type": verdict,
-            "gen_ai.security.action.type": action,
-            "gen_ai.security.policy.id": policy,
-            "gen_ai.security.content.modified": modified,
-            "extguard.findings": summary or None,
-            "extguard.finding.count": sum(entities.values()),
-            "extguard.scan.duration_ms": round((time.perf_counter() - self._started) * 1000, 3),
-        })  # fmt: skip
+        if recording:
+            set_attributes(self._span, {
+                "gen_ai.security.verdict.type": verdict,
+                "gen_ai.security.action.type": action,
+                "gen_ai.security.policy.id": policy,
+                "gen_ai.security.content.modified": modified,
+                "extguard.findings": summary or None,
+                "extguard.finding.count": sum(entities.values()),
+                "extguard.scan.duration_ms": round((time.perf_counter() - self._started) * 1000, 3),
+            })  # fmt: skip
         if blocked:
             self._span.set_status(Status(StatusCode.ERROR, "blocked by policy"))
 
@@ -244,3 +262,13 @@ class GuardStage:
         if end:
             self._span.end()
         return verdict
+
+
+def _trace_id_of(traceparent: str | None) -> str:
+    """Return the trace id of a W3C traceparent ("00-<32 hex>-<16 hex>-<2 hex>"), or ""."""
+    if not traceparent:
+        return ""
+    parts = traceparent.strip().split("-")
+    if len(parts) != 4 or len(parts[1]) != 32 or parts[1] == "0" * 32:
+        return ""
+    return parts[1].lower()
