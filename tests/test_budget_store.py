@@ -306,7 +306,7 @@ async def test_ledger_sums_commits_per_day_and_model(store: BudgetStore) -> None
 
 
 async def test_changed_budget_keeps_counted_usage(redis_server: RedisServer) -> None:
-    """A policy that moves a budget to another window, or lowers it, sees what was already spent."""
+    """A policy that moves a budget to another window, or lowers it, counts what was already spent."""
     from datetime import UTC, datetime
 
     from extguard.budget.keeper import BudgetKeeper
@@ -377,8 +377,8 @@ async def test_spool_file_keeps_usage_across_restart(tmp_path: Path) -> None:
 
 
 async def test_spool_file_survives_crash(tmp_path: Path) -> None:
-    """Records are in the file as soon as they are spooled, so a crash without shutdown keeps them;
-    one replayed before the crash is counted once."""
+    """Records are in the file as soon as they are spooled, so a crash without shutdown keeps them.
+    A record replayed before the crash is counted once."""
     spool_file = tmp_path / "spool.jsonl"
     server = RedisServer(durable=True)
     server.start()

@@ -62,6 +62,12 @@ def budget_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Sta
             yield stack, policy
 
 
+def keeper_for(policy: Path) -> BudgetKeeper:
+    """Return a budget keeper on the store of `policy`, as a second replica would have."""
+    policies = load_policy(policy, default_detectors())
+    return BudgetKeeper.from_settings(policies.tenancy, policies.pricing)  # type: ignore[arg-type]
+
+
 def day_counter(keeper: BudgetKeeper, tenant: str) -> Counter:
     return next(item.counter for item in keeper.counters(tenant, None) if item.period.window is Window.DAY)
 
@@ -70,8 +76,7 @@ def ledger_requests(policy: Path, tenant: str) -> int:
     """Return the requests in the tenant's usage ledger for today and yesterday (any model)."""
     from datetime import UTC, datetime, timedelta
 
-    policies = load_policy(policy, default_detectors())
-    keeper = BudgetKeeper.from_settings(policies.tenancy, policies.pricing)  # type: ignore[arg-type]
+    keeper = keeper_for(policy)
     today = datetime.now(UTC).astimezone(keeper.zone).date()
     days = [(today - timedelta(days=offset)).isoformat() for offset in (1, 0)]
 
@@ -85,8 +90,7 @@ def ledger_requests(policy: Path, tenant: str) -> int:
 
 def used(policy: Path, tenant: str) -> dict[str, int]:
     """Return the tenant's used amounts in its current day window, read from Redis."""
-    policies = load_policy(policy, default_detectors())
-    keeper = BudgetKeeper.from_settings(policies.tenancy, policies.pricing)  # type: ignore[arg-type]
+    keeper = keeper_for(policy)
 
     async def read() -> dict[str, int]:
         (state,) = await keeper.store.status([day_counter(keeper, tenant)], now_ms=0)
@@ -229,8 +233,7 @@ def settled(policy: Path, tenant: str) -> dict[str, int]:
     settle in the background), or after 10 s."""
     import time
 
-    policies = load_policy(policy, default_detectors())
-    keeper = BudgetKeeper.from_settings(policies.tenancy, policies.pricing)  # type: ignore[arg-type]
+    keeper = keeper_for(policy)
 
     async def read() -> tuple[dict[str, int], int]:
         (state,) = await keeper.store.status([day_counter(keeper, tenant)], now_ms=0)

@@ -109,14 +109,20 @@ class Collector(trace_service_pb2_grpc.TraceServiceServicer):
         raise AssertionError(f"no complete trace {trace_id} after {timeout_s} s; spans seen: {[(s.service, s.name) for s in spans]}")
 
 
-@pytest.fixture(scope="module")
-def traced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, Collector]]:
-    work = tmp_path_factory.mktemp("telemetry")
+def start_collector() -> tuple[Collector, grpc.Server, int]:
+    """Start an OTLP/gRPC collector on a free loopback port; return it, its server and the port."""
     collector = Collector()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collector, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
+    return collector, server, port
+
+
+@pytest.fixture(scope="module")
+def traced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, Collector]]:
+    work = tmp_path_factory.mktemp("telemetry")
+    collector, server, port = start_collector()
     policy = work / "policy.yaml"
     policy.write_text(POLICY, encoding="utf-8")
     environment = {
@@ -292,11 +298,7 @@ def test_no_values_in_any_telemetry(traced) -> None:  # type: ignore[no-untyped-
 
 def test_tracing_off_without_endpoint(tmp_path: Path) -> None:
     """Without an OTLP endpoint extguard exports nothing, while Envoy still traces."""
-    collector = Collector()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collector, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
+    collector, server, port = start_collector()
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY, encoding="utf-8")
     unset = {"OTEL_EXPORTER_OTLP_ENDPOINT": "", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": ""}

@@ -35,6 +35,13 @@ class Admission:
     retry_after_s: int | None = None
     checked: bool = True  # False: admitted without a check, because the store was down (mode open)
 
+    @property
+    def state(self) -> str:
+        """The budget state for telemetry: admitted, unchecked or rejected."""
+        if not self.admitted:
+            return "rejected"
+        return "admitted" if self.checked else "unchecked"
+
 
 @dataclass(frozen=True, slots=True)
 class Committed:

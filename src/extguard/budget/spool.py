@@ -160,7 +160,7 @@ class Spool:
 
     @property
     def saved(self) -> bool:
-        """Whether the file holds every record in memory (True without records to keep)."""
+        """Whether the file contains every record in memory (True without records to save)."""
         return not self._records or (self.path is not None and not self._write_failed)
 
     def _write(self, records: list[SpooledCommit], mode: str, target: Path | None = None) -> bool:

@@ -259,10 +259,9 @@ class Exchange:
             return self._error_reply(403, message, "extguard_model_not_allowed", "extguard_model_not_allowed")
         span = self.trace.budget_span(SPAN_RESERVE)
         admission = await meter.reserve(self.model, payload, sum(len(slot.text) for slot in slots))
-        state = ("admitted" if admission.checked else "unchecked") if admission.admitted else "rejected"
-        span.set_attribute("extguard.budget.state", state)
+        span.set_attribute("extguard.budget.state", admission.state)
         span.end()
-        self.trace.note_budget(state)
+        self.trace.note_budget(admission.state)
         if admission.admitted:
             return None
         audit(

@@ -41,7 +41,7 @@ def estimate_tokens(chars: int) -> int:
 class ReportedUsage:
     """Usage the provider reported so far, with None for counts it did not report.
 
-    Also the response facts that telemetry records: the model that answered and the finish
+    Also the response facts that telemetry records: the model that generated the response and the finish
     reasons (OpenAI `finish_reason`, Anthropic `stop_reason`), in the order they arrived.
     """
 
