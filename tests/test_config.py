@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from extguard.config.loader import PolicyError, parse_policy
+from extguard.config.loader import PolicyError, load_policy, parse_policy
 from extguard.scan.detectors import default_detectors
 from extguard.scan.engine import Action, guard_text
 from extguard.scan.redact import Masker, MaskStyle
@@ -281,3 +281,41 @@ def test_store_url_shown_without_password(url: str, shown: str) -> None:
     from extguard.config.tenancy import StoreSettings
 
     assert StoreSettings(url=url).display_url == shown
+
+
+def test_api_keys_file_adds_keys_to_tenants(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    digest = "b" * 64
+    (tmp_path / "keys.yaml").write_text(f"acme:\n  - {{sha256: {digest}, user: ci-bot}}\n", encoding="utf-8")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        f"tenancy:\n  api_keys_file: keys.yaml\n  tenants:\n    acme:\n      api_keys: [{{sha256: {'a' * 64}}}]\n    globex: {{}}\n",
+        encoding="utf-8",
+    )
+
+    policies = load_policy(policy, default_detectors())
+
+    tenants = policies.tenancy.tenants
+    assert [(key.sha256, key.user) for key in tenants["acme"].api_keys] == [("a" * 64, None), (digest, "ci-bot")]
+    assert tenants["globex"].api_keys == []
+
+
+def test_api_keys_file_errors_are_reported_with_the_policy_errors(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(f"acme: [{{sha256: not-hex}}]\nnobody: [{{sha256: {'c' * 64}}}]\nglobex: [{{sha256: {'A' * 64}}}]\n", encoding="utf-8")
+    text = f"tenancy:\n  api_keys_file: {keys}\n  tenants:\n    acme:\n      api_keys: [{{sha256: {'a' * 64}}}]\n    globex: {{}}\n"
+    with pytest.raises(PolicyError) as raised:
+        parse(text)
+    errors = raised.value.errors
+
+    assert any(error == f"{keys}: tenant 'nobody' is not in tenancy.tenants of the policy" for error in errors)
+    assert any("tenancy.tenants.acme.api_keys[1].sha256" in error and "64 hex digits" in error for error in errors)
+    assert any("tenants 'acme' and 'globex'" in error for error in errors)
+    assert len(errors) == 3
+
+
+def test_api_keys_file_missing_is_an_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    missing = tmp_path / "absent.yaml"
+    with pytest.raises(PolicyError) as raised:
+        parse(f"tenancy:\n  api_keys_file: {missing}\n  tenants:\n    acme: {{}}\n")
+
+    assert raised.value.errors == [f"{missing}: cannot read tenancy.api_keys_file: No such file or directory"]

@@ -123,11 +123,17 @@ def load_policy(path: str | Path, detectors: dict[str, Detector]) -> PolicySet:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise PolicyError(source, [f"{source}: cannot read the file: {error}"]) from None
-    return parse_policy(text, detectors, source=source)
+    return parse_policy(text, detectors, source=source, base_dir=Path(path).parent)
 
 
-def parse_policy(text: str, detectors: dict[str, Detector], *, source: str = "<policy>") -> PolicySet:
-    """Validate and resolve policy YAML text; raise PolicyError listing every error."""
+def parse_policy(
+    text: str, detectors: dict[str, Detector], *, source: str = "<policy>", base_dir: Path | None = None
+) -> PolicySet:
+    """Validate and resolve policy YAML text; raise PolicyError listing every error.
+
+    A relative `tenancy.api_keys_file` is read from `base_dir` (the policy file's folder), else
+    from the working directory.
+    """
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as error:
@@ -140,6 +146,7 @@ def parse_policy(text: str, detectors: dict[str, Detector], *, source: str = "<p
     errors: list[str] = []
     if root is not None:
         _index_yaml(root, (), lines, errors, source)
+    errors.extend(_merge_api_keys_file(data, base_dir))
     policy_file: PolicyFile | None = None
     try:
         policy_file = PolicyFile.model_validate(data)
@@ -169,6 +176,45 @@ def parse_policy(text: str, detectors: dict[str, Detector], *, source: str = "<p
         tenancy=policy_file.tenancy,
         pricing=dict(policy_file.pricing),
     )
+
+
+def _merge_api_keys_file(data: Any, base_dir: Path | None) -> list[str]:
+    """Add the API key hashes of `tenancy.api_keys_file` to the tenants of the raw document.
+
+    The file maps tenant names to lists of `{sha256, user}` entries, so key hashes can live in a
+    Kubernetes Secret apart from the policy's ConfigMap. Merged before validation, its entries
+    are checked like keys written in the policy (hex digests, one tenant per key).
+    """
+    tenancy = data.get("tenancy") if isinstance(data, dict) else None
+    name = tenancy.get("api_keys_file") if isinstance(tenancy, dict) else None
+    if not isinstance(name, str) or not name:
+        return []  # absent, or a wrong type that validation reports
+    path = Path(name)
+    if not path.is_absolute() and base_dir is not None:
+        path = base_dir / path
+    try:
+        keys = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as error:
+        return [f"{path}: cannot read tenancy.api_keys_file: {error.strerror or error}"]
+    except yaml.YAMLError as error:
+        return [_yaml_error(error, str(path))]
+    if keys is None:
+        return []
+    if not isinstance(keys, dict):
+        return [f"{path}: tenancy.api_keys_file must map tenant names to lists of {{sha256, user}} entries"]
+    tenants = tenancy.get("tenants")
+    tenants = tenants if isinstance(tenants, dict) else {}
+    errors: list[str] = []
+    for tenant, entries in keys.items():
+        if not isinstance(tenants.get(tenant), dict):
+            errors.append(f"{path}: tenant {tenant!r} is not in tenancy.tenants of the policy")
+        elif not isinstance(entries, list):
+            errors.append(f"{path}: tenant {tenant!r}: a list of {{sha256, user}} entries is expected")
+        else:
+            listed = tenants[tenant].setdefault("api_keys", [])
+            if isinstance(listed, list):
+                listed.extend(entries)
+    return errors
 
 
 def _reference_errors(

@@ -232,6 +232,9 @@ class Tenancy(_Strict):
     # Called once per tenant, scope, window period and metric when a soft limit is first reached.
     soft_limit_webhook: Webhook | None = None
     identity: Identity = Field(default_factory=Identity)
+    # A YAML file mapping tenant names to more `api_keys` entries (for a Kubernetes Secret);
+    # the policy loader merges it into `tenants`.
+    api_keys_file: str | None = Field(None, min_length=1)
     store: StoreSettings = Field(default_factory=StoreSettings)
     reservation_ttl_s: int = Field(900, gt=0)  # an unsettled reservation stops counting after this
     default_max_output_tokens: int = Field(4096, gt=0)  # output estimate when a request sets none
