@@ -4,9 +4,18 @@ from __future__ import annotations
 
 import pytest
 
-from extguard.llm.apis import ANTHROPIC_MESSAGES, OPENAI_CHAT, api_for_path
+from extguard.llm.apis import (
+    ANTHROPIC_MESSAGES,
+    BEDROCK_CONVERSE,
+    GEMINI_GENERATE_CONTENT,
+    OPENAI_CHAT,
+    api_for_path,
+    response_api_for_document,
+    response_api_for_stream,
+)
 from extguard.llm.payloads import anthropic_request_slots, anthropic_response_slots, openai_request_slots
 from extguard.llm.sse import SseDecodeError, SseDecoder, encode_event
+from extguard.llm.usage import ReportedUsage, usage_from_document
 
 
 @pytest.mark.parametrize(
@@ -149,3 +158,47 @@ def test_reported_usage(api, events: list[tuple[str | None, str]], expected: tup
             usage_from_event(api, SseEvent(raw=b"", event=name, data=data), reported)
 
     assert (reported.input_tokens, reported.output_tokens, reported.cached_input_tokens) == expected
+
+
+# -- native response formats ------------------------------------------------------------------
+
+
+def test_stream_format_undecided_until_first_event_completes() -> None:
+    assert response_api_for_stream(b'data: {"candidates": [', OPENAI_CHAT) is None
+    assert response_api_for_stream(b": keep-alive\n\n", OPENAI_CHAT) is None
+    assert response_api_for_stream(b': keep-alive\n\ndata: {"candidates": []}\n\n', OPENAI_CHAT) is GEMINI_GENERATE_CONTENT
+    assert response_api_for_stream(b"event: message_start\ndata: {}\r\n\r\n", OPENAI_CHAT) is ANTHROPIC_MESSAGES
+    assert response_api_for_stream(b'data: {"type": "message_start"}\n\n', OPENAI_CHAT) is ANTHROPIC_MESSAGES
+    assert response_api_for_stream(b'data: {"choices": []}\n\n', ANTHROPIC_MESSAGES) is OPENAI_CHAT
+    assert response_api_for_stream(b"data: not json\n\n", OPENAI_CHAT) is OPENAI_CHAT
+    assert response_api_for_stream(b"x" * 70000, ANTHROPIC_MESSAGES) is ANTHROPIC_MESSAGES
+
+
+def test_document_format_by_shape() -> None:
+    assert response_api_for_document({"type": "message", "content": []}, OPENAI_CHAT) is ANTHROPIC_MESSAGES
+    assert response_api_for_document({"candidates": []}, OPENAI_CHAT) is GEMINI_GENERATE_CONTENT
+    assert response_api_for_document({"output": {"message": {}}}, OPENAI_CHAT) is BEDROCK_CONVERSE
+    assert response_api_for_document({"error": {"message": "x"}}, OPENAI_CHAT) is OPENAI_CHAT
+    assert response_api_for_document({"choices": [], "candidates": []}, OPENAI_CHAT) is OPENAI_CHAT
+
+
+def test_gemini_usage_counts_thoughts_as_output() -> None:
+    reported = ReportedUsage()
+    usage_from_document(GEMINI_GENERATE_CONTENT, {
+        "candidates": [{"finishReason": "STOP"}], "modelVersion": "gemini-2.5-flash",
+        "usageMetadata": {"promptTokenCount": 120, "cachedContentTokenCount": 100, "candidatesTokenCount": 7, "thoughtsTokenCount": 30},
+    }, reported)  # fmt: skip
+
+    assert (reported.input_tokens, reported.cached_input_tokens, reported.output_tokens) == (120, 100, 37)
+    assert (reported.model, reported.finish_reasons) == ("gemini-2.5-flash", ["STOP"])
+
+
+def test_bedrock_converse_usage_adds_cache_tokens_to_input() -> None:
+    reported = ReportedUsage()
+    usage_from_document(BEDROCK_CONVERSE, {
+        "stopReason": "end_turn",
+        "usage": {"inputTokens": 10, "cacheReadInputTokens": 50, "cacheWriteInputTokens": 5, "outputTokens": 9},
+    }, reported)  # fmt: skip
+
+    assert (reported.input_tokens, reported.cached_input_tokens, reported.output_tokens) == (65, 50, 9)
+    assert reported.finish_reasons == ["end_turn"]

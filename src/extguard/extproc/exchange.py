@@ -30,7 +30,17 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
 from extguard.config.loader import PolicySet, ResolvedPolicy
 from extguard.config.policy import FailureMode, OnBadInput
 from extguard.extproc import messages
-from extguard.llm.apis import ERROR_CODE_BAD_INPUT, ERROR_CODE_BLOCKED, ERROR_CODE_INTERNAL, OPENAI_CHAT, Api, ApiKind, api_for_path
+from extguard.llm.apis import (
+    ERROR_CODE_BAD_INPUT,
+    ERROR_CODE_BLOCKED,
+    ERROR_CODE_INTERNAL,
+    OPENAI_CHAT,
+    Api,
+    ApiKind,
+    api_for_path,
+    response_api_for_document,
+    response_api_for_stream,
+)
 from extguard.llm.payloads import TextSlot
 from extguard.llm.streams import StreamRewriter, stream_rewriter_for
 from extguard.scan.deep import DeepEngineError, DeepEngineTimeout
@@ -55,6 +65,9 @@ log = logging.getLogger("extguard.extproc")
 # Content codings extguard can decode for scanning. Others are removed from `accept-encoding`
 # on the way upstream, so a provider never responds in a coding extguard cannot read.
 DECODABLE_ENCODINGS = ("gzip", "x-gzip", "deflate")
+# Streams of generated text in a framing extguard does not decode: Bedrock's binary event
+# stream (ConverseStream, InvokeModelWithResponseStream). Refused or passed per on_bad_input.
+UNREADABLE_STREAM_TYPES = frozenset({"application/vnd.amazon.eventstream"})
 # Bodies from this size on are scanned in a worker thread: a 64 KiB prompt of log lines takes
 # about 20 ms to scan, a typical chat request well under 1 ms (benchmarks/scan_bench.py).
 THREAD_SCAN_MIN_BYTES = 64 * 1024
@@ -118,7 +131,8 @@ class Exchange:
         self.request_content_encoding = ""
         self.response_content_encoding = ""
         self.response_kind = ""  # "sse", "json" or "" (not inspected)
-        self.rewriter: StreamRewriter | None = None
+        self.rewriter: StreamRewriter | None = None  # made once the stream's first event shows its format
+        self.stream_head = bytearray()  # the start of a stream, held until its format is known
         self.decompressor: Any = None
         self.request_buffer = bytearray()  # body chunks held when Envoy streams the body
         self.response_buffer = bytearray()
@@ -413,6 +427,9 @@ class Exchange:
         if self.meter is not None and status[:1] in ("4", "5"):
             self.meter.upstream_failed = True
 
+        if content_type in UNREADABLE_STREAM_TYPES and guarded:
+            message = f"The upstream responded with content-type {content_type!r}, which extguard cannot inspect."
+            return self._uninspectable_response("unsupported_content_type", message)
         if content_type == "text/event-stream":
             self.response_kind = "sse"
         elif content_type == "application/json" or content_type.endswith("+json"):
@@ -423,7 +440,8 @@ class Exchange:
             return messages.continue_reply("response_headers", _RESPONSE_NONE)
 
         if encoding and encoding != "identity" and encoding not in DECODABLE_ENCODINGS:
-            return self._unsupported_encoding(encoding)
+            message = f"The upstream responded with content-encoding {encoding!r}, which extguard cannot inspect."
+            return self._uninspectable_response("unsupported_encoding", message)
         self.response_stage = self.trace.begin_response_stage()
         self.response_content_encoding = "" if encoding == "identity" else encoding
         if self.response_kind == "json":
@@ -431,7 +449,6 @@ class Exchange:
             return messages.continue_reply("response_headers", _RESPONSE_BUFFERED)
 
         self.response_body_mode = messages.STREAMED
-        self.rewriter = self._new_rewriter()
         remove = ["content-length"]
         if self.response_content_encoding:
             # The stream is decoded for scanning and sent on as identity.
@@ -440,7 +457,7 @@ class Exchange:
         mutation = messages.header_mutation(remove=remove)
         return messages.common_reply("response_headers", headers=mutation, mode_override=_RESPONSE_STREAMED)
 
-    def _new_rewriter(self) -> StreamRewriter:
+    def _new_rewriter(self, api: Api) -> StreamRewriter:
         rules = self.policy.stream_rules
         masker = self.runtime.masker
         vault = self.vault
@@ -452,19 +469,19 @@ class Exchange:
             return self._block_response_message(blocking)
 
         pass_bad = self.policy.settings.on_bad_input is OnBadInput.PASS
-        return stream_rewriter_for(self._api(), make_guard, block_message, pass_bad_events=pass_bad)
+        return stream_rewriter_for(api, make_guard, block_message, pass_bad_events=pass_bad)
 
-    def _unsupported_encoding(self, encoding: str) -> ext_proc.ProcessingResponse:
+    def _uninspectable_response(self, kind: str, message: str) -> ext_proc.ProcessingResponse:
+        """Refuse a response extguard cannot read, or pass it unread when on_bad_input is pass."""
         self.response_kind = ""
         if self.policy.settings.on_bad_input is OnBadInput.PASS:
-            self._problem("unsupported_encoding", "pass")
+            self._problem(kind, "pass")
             return messages.continue_reply("response_headers", _RESPONSE_NONE)
-        self._problem("unsupported_encoding", "reject")
-        message = f"The upstream responded with content-encoding {encoding!r}, which extguard cannot inspect."
-        return self._error_reply(502, message, ERROR_CODE_BAD_INPUT, "extguard_unsupported_encoding")
+        self._problem(kind, "reject")
+        return self._error_reply(502, message, ERROR_CODE_BAD_INPUT, f"extguard_{kind}")
 
     async def on_response_body(self, body: ext_proc.HttpBody) -> ext_proc.ProcessingResponse:
-        if self.response_kind == "sse" and self.rewriter is not None:
+        if self.response_kind == "sse":
             reply = self._stream_chunk(body)
             if body.end_of_stream:
                 await self.settle()
@@ -474,19 +491,30 @@ class Exchange:
         return messages.continue_reply("response_body")
 
     def _stream_chunk(self, body: ext_proc.HttpBody) -> ext_proc.ProcessingResponse:
-        rewriter = self.rewriter
-        assert rewriter is not None
-        if rewriter.blocked:
+        if self.rewriter is not None and self.rewriter.blocked:
             # The stream already ended with an error event; drop what the upstream still sends.
-            self._finish_response_stage(rewriter.hits, blocked=True)
+            self._finish_response_stage(self.rewriter.hits, blocked=True)
             return messages.common_reply("response_body", body=b"")
         chunk = body.body
         if self.decompressor is not None:
             chunk = self._decompress_stream_chunk(chunk)
         if chunk is None:
+            rewriter = self.rewriter or self._start_stream(self._api())
             rewriter.blocked = True
             message = "extguard could not decode the upstream response stream, so it was stopped."
-            return messages.common_reply("response_body", body=self._api().stream_error_event(502, message, ERROR_CODE_BAD_INPUT))
+            return messages.common_reply("response_body", body=rewriter.api.stream_error_event(502, message, ERROR_CODE_BAD_INPUT))
+        if self.rewriter is None:
+            # The first event tells the stream's format: behind a translating gateway it can be
+            # the provider's native one. Until it is complete, nothing goes downstream.
+            self.stream_head += chunk
+            api = response_api_for_stream(bytes(self.stream_head), self._api())
+            if api is None and not body.end_of_stream:
+                return messages.common_reply("response_body", body=b"")
+            chunk = bytes(self.stream_head)
+            self.stream_head.clear()
+            self._start_stream(api or self._api())
+        rewriter = self.rewriter
+        assert rewriter is not None
 
         started = time.perf_counter()
         output = rewriter.feed(chunk)
@@ -503,6 +531,10 @@ class Exchange:
         if output == body.body:
             return messages.continue_reply("response_body")
         return messages.common_reply("response_body", body=output)
+
+    def _start_stream(self, api: Api) -> StreamRewriter:
+        self.rewriter = self._new_rewriter(api)
+        return self.rewriter
 
     def _decompress_stream_chunk(self, chunk: bytes) -> bytes | None:
         limit = self.policy.settings.max_body_bytes
@@ -558,8 +590,9 @@ class Exchange:
             await self.settle()
             return self._bad_response_body(error, raw, streamed)
 
-        slots = self._api().response_slots(payload)
-        usage_from_document(self._api(), payload, self.reported)
+        api = response_api_for_document(payload, self._api())
+        slots = api.response_slots(payload)
+        usage_from_document(api, payload, self.reported)
         self.output_chars = sum(len(slot.text) for slot in slots)
         await self.settle()
         try:
@@ -602,6 +635,8 @@ class Exchange:
         return messages.continue_reply("request_trailers")
 
     def on_response_trailers(self, trailers: ext_proc.HttpTrailers) -> ext_proc.ProcessingResponse:
+        if self.rewriter is None and self.stream_head:
+            self._start_stream(self._api()).feed(bytes(self.stream_head))
         if self.rewriter is not None and not self.rewriter.blocked:
             # Trailers end the body: anything still held back can no longer be sent, so it is
             # accounted as flushed. Envoy's STREAMED mode sends end_of_stream on the last chunk

@@ -2,6 +2,13 @@
 
 Errors that extguard returns itself (a blocked prompt, an unreadable body) use the provider's
 own error shape, so the official SDKs raise their usual exception classes with our message.
+
+Requests are OpenAI Chat Completions or Anthropic Messages. Responses can also come in a
+provider's native format: behind Envoy AI Gateway, which translates the response only after
+extguard's filter has seen it, an OpenAI-format request to Anthropic on Vertex AI or Bedrock
+gets an Anthropic Messages response, to Gemini a `generateContent` response, and to Bedrock's
+Converse API a Converse response. `response_api_for_document` and `response_api_for_stream`
+recognize those by their shape.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from extguard.llm import payloads
+from extguard.llm.sse import SseDecodeError, SseDecoder
 
 ERROR_CODE_BLOCKED = "extguard_policy_violation"
 ERROR_CODE_BAD_INPUT = "extguard_invalid_body"
@@ -22,12 +30,15 @@ ERROR_CODE_INTERNAL = "extguard_unavailable"
 class ApiKind(enum.StrEnum):
     OPENAI_CHAT = "openai.chat_completions"
     ANTHROPIC_MESSAGES = "anthropic.messages"
+    # Seen only as responses, behind a gateway that translates them for the client.
+    GEMINI_GENERATE_CONTENT = "gemini.generate_content"
+    BEDROCK_CONVERSE = "bedrock.converse"
 
 
 @dataclass(frozen=True, slots=True)
 class Api:
     kind: ApiKind
-    provider: str  # "openai" or "anthropic", as in gen_ai.provider.name
+    provider: str  # as in gen_ai.provider.name: openai, anthropic, gcp.gemini, aws.bedrock
     request_slots: Callable[[dict[str, Any]], list[payloads.TextSlot]]
     response_slots: Callable[[dict[str, Any]], list[payloads.TextSlot]]
 
@@ -35,6 +46,10 @@ class Api:
         """Return the error object this provider sends for an HTTP error of `status`."""
         if self.kind is ApiKind.ANTHROPIC_MESSAGES:
             return {"type": "error", "error": {"type": _anthropic_error_type(status), "message": message}}
+        if self.kind is ApiKind.GEMINI_GENERATE_CONTENT:
+            return {"error": {"code": status, "message": message, "status": _google_status(status)}}
+        if self.kind is ApiKind.BEDROCK_CONVERSE:
+            return {"message": message}
         return {"error": {"message": message, "type": _openai_error_type(status), "param": None, "code": code}}
 
     def error_body(self, status: int, message: str, code: str) -> bytes:
@@ -63,6 +78,64 @@ OPENAI_CHAT = Api(
 ANTHROPIC_MESSAGES = Api(
     ApiKind.ANTHROPIC_MESSAGES, "anthropic", payloads.anthropic_request_slots, payloads.anthropic_response_slots
 )
+GEMINI_GENERATE_CONTENT = Api(
+    ApiKind.GEMINI_GENERATE_CONTENT, "gcp.gemini", payloads.no_request_slots, payloads.gemini_response_slots
+)
+BEDROCK_CONVERSE = Api(
+    ApiKind.BEDROCK_CONVERSE, "aws.bedrock", payloads.no_request_slots, payloads.bedrock_converse_response_slots
+)
+
+# Bytes of a stream's start that decide its format; the first event is far shorter.
+STREAM_SNIFF_BYTES = 65536
+
+
+def response_api_for_document(document: Any, request_api: Api) -> Api:
+    """Return the API whose response format `document` (a parsed JSON response) has.
+
+    A response in the request's own format, an error object or anything unrecognized is read as
+    `request_api`.
+    """
+    if not isinstance(document, dict) or "choices" in document:
+        return request_api
+    if document.get("type") == "message" and isinstance(document.get("content"), list):
+        return ANTHROPIC_MESSAGES
+    if isinstance(document.get("candidates"), list):
+        return GEMINI_GENERATE_CONTENT
+    output = document.get("output")
+    if isinstance(output, dict) and isinstance(output.get("message"), dict):
+        return BEDROCK_CONVERSE
+    return request_api
+
+
+def response_api_for_stream(head: bytes, request_api: Api) -> Api | None:
+    """Return the API whose SSE format the stream starting with `head` has, by its first event.
+
+    None means undecided: `head` holds no complete event yet (comments do not count) and is
+    shorter than STREAM_SNIFF_BYTES. An invalid or unrecognized first event is read as
+    `request_api`, whose rewriter then handles it as bad input.
+    """
+    try:
+        events = [event for event in SseDecoder().feed(head) if not event.is_comment]
+    except SseDecodeError:
+        return request_api
+    if not events:
+        return None if len(head) < STREAM_SNIFF_BYTES else request_api
+    first = events[0]
+    if first.event == "message_start":
+        return ANTHROPIC_MESSAGES
+    try:
+        document = json.loads(first.data)
+    except ValueError:
+        return request_api
+    if not isinstance(document, dict):
+        return request_api
+    if "choices" in document:
+        return OPENAI_CHAT
+    if document.get("type") == "message_start":
+        return ANTHROPIC_MESSAGES
+    if isinstance(document.get("candidates"), list):
+        return GEMINI_GENERATE_CONTENT
+    return request_api
 
 
 def api_for_path(path: str) -> Api | None:
@@ -101,3 +174,20 @@ def _anthropic_error_type(status: int) -> str:
     if status >= 500:
         return "api_error"
     return _ANTHROPIC_ERROR_TYPES.get(status, "invalid_request_error")
+
+
+# Google's canonical error codes by HTTP status, as the Gemini API reports them.
+_GOOGLE_STATUSES = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    413: "INVALID_ARGUMENT",
+    429: "RESOURCE_EXHAUSTED",
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
+
+
+def _google_status(status: int) -> str:
+    return _GOOGLE_STATUSES.get(status, "INTERNAL" if status >= 500 else "INVALID_ARGUMENT")

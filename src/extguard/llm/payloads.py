@@ -27,20 +27,20 @@ class TextSlot:
         self.container[self.key] = text  # type: ignore[index]
 
 
-def _string_leaves(value: Any, role: str) -> Iterator[TextSlot]:
+def string_leaves(value: Any, role: str) -> Iterator[TextSlot]:
     """Yield a slot for every string inside a JSON object (tool inputs are free-form objects)."""
     if isinstance(value, dict):
         for key, item in value.items():
             if isinstance(item, str):
                 yield TextSlot(value, key, role)
             else:
-                yield from _string_leaves(item, role)
+                yield from string_leaves(item, role)
     elif isinstance(value, list):
         for index, item in enumerate(value):
             if isinstance(item, str):
                 yield TextSlot(value, index, role)
             else:
-                yield from _string_leaves(item, role)
+                yield from string_leaves(item, role)
 
 
 def _text_parts(container: dict[str, Any], key: str, role: str) -> Iterator[TextSlot]:
@@ -60,7 +60,7 @@ def _text_parts(container: dict[str, Any], key: str, role: str) -> Iterator[Text
         elif part_type == "refusal" and isinstance(part.get("refusal"), str):
             yield TextSlot(part, "refusal", role)
         elif part_type == "tool_use":
-            yield from _string_leaves(part.get("input"), role)
+            yield from string_leaves(part.get("input"), role)
         elif part_type == "tool_result":
             yield from _text_parts(part, "content", "tool")
 
@@ -118,3 +118,50 @@ def anthropic_request_slots(payload: dict[str, Any]) -> list[TextSlot]:
 
 def anthropic_response_slots(payload: dict[str, Any]) -> list[TextSlot]:
     return list(_text_parts(payload, "content", "assistant"))
+
+
+# --- Response-only formats: Gemini generateContent and Bedrock Converse --------------------
+
+
+def no_request_slots(payload: dict[str, Any]) -> list[TextSlot]:
+    """Requests never arrive in these formats: extguard reads only their responses."""
+    return []
+
+
+def _gemini_parts_slots(parts: Any, role: str) -> Iterator[TextSlot]:
+    """Yield slots for the text and function-call arguments of Gemini `parts`."""
+    if not isinstance(parts, list):
+        return
+    for part in parts:
+        if not isinstance(part, dict):
+            continue
+        if isinstance(part.get("text"), str):
+            yield TextSlot(part, "text", role)
+        call = part.get("functionCall")
+        if isinstance(call, dict):
+            yield from string_leaves(call.get("args"), role)
+
+
+def gemini_response_slots(payload: dict[str, Any]) -> list[TextSlot]:
+    slots: list[TextSlot] = []
+    for candidate in payload.get("candidates") or ():
+        content = candidate.get("content") if isinstance(candidate, dict) else None
+        if isinstance(content, dict):
+            slots.extend(_gemini_parts_slots(content.get("parts"), "assistant"))
+    return slots
+
+
+def bedrock_converse_response_slots(payload: dict[str, Any]) -> list[TextSlot]:
+    output = payload.get("output")
+    message = output.get("message") if isinstance(output, dict) else None
+    content = message.get("content") if isinstance(message, dict) else None
+    slots: list[TextSlot] = []
+    for block in content if isinstance(content, list) else ():
+        if not isinstance(block, dict):
+            continue
+        if isinstance(block.get("text"), str):
+            slots.append(TextSlot(block, "text", "assistant"))
+        tool_use = block.get("toolUse")
+        if isinstance(tool_use, dict):
+            slots.extend(string_leaves(tool_use.get("input"), "assistant"))
+    return slots

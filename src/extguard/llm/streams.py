@@ -1,11 +1,11 @@
-"""Guard streamed (SSE) responses of the OpenAI and Anthropic APIs event by event.
+"""Guard streamed (SSE) responses of the OpenAI, Anthropic and Gemini APIs event by event.
 
 Each text channel of a stream (a choice's content, one tool call's arguments, one Anthropic
-content block) gets its own `StreamGuard`, which holds back only the trailing characters that
+content block, one Gemini candidate's text) gets its own `StreamGuard`, which holds back only the trailing characters that
 could still be part of a match. Held text is released with the next event of the same channel,
 or, when the channel ends, inserted into the closing event (OpenAI: the chunk carrying
 `finish_reason`) or as an extra delta event just before it (Anthropic: before
-`content_block_stop`). Events the guard leaves unchanged are forwarded byte for byte.
+`content_block_stop`; Gemini: the chunk carrying `finishReason`). Events the guard leaves unchanged are forwarded byte for byte.
 
 When a blocking rule fires mid-stream, the rewriter emits one well-formed error event that the
 provider's SDK raises as an API error, and drops everything the upstream sends after it.
@@ -18,6 +18,7 @@ from collections.abc import Callable, Hashable
 from typing import Any
 
 from extguard.llm.apis import ERROR_CODE_BAD_INPUT, ERROR_CODE_BLOCKED, Api, ApiKind
+from extguard.llm.payloads import string_leaves
 from extguard.llm.sse import SseDecodeError, SseDecoder, SseEvent, encode_event
 from extguard.llm.usage import ReportedUsage, usage_from_event
 from extguard.scan.engine import Hit
@@ -278,7 +279,74 @@ class AnthropicStreamRewriter(StreamRewriter):
         return b"".join(output)
 
 
+class GeminiStreamRewriter(StreamRewriter):
+    """`streamGenerateContent` chunks: each candidate's text parts, and function-call arguments.
+
+    A function call arrives whole in one chunk, so its arguments are scanned at once.
+    """
+
+    def _rewrite(self, event: SseEvent) -> bytes:
+        if not event.data:
+            return event.raw
+        try:
+            chunk = json.loads(event.data)
+        except ValueError:
+            return self._bad_input("malformed_json", event)
+        candidates = chunk.get("candidates") if isinstance(chunk, dict) else None
+        if not isinstance(candidates, list):
+            return event.raw
+        changed = False
+        for position, candidate in enumerate(candidates):
+            if isinstance(candidate, dict) and self._rewrite_candidate(candidate, position):
+                changed = True
+        return encode_event(_dumps(chunk)) if changed else event.raw
+
+    def _rewrite_candidate(self, candidate: dict[str, Any], position: int) -> bool:
+        index = candidate.get("index", position)
+        content = candidate.get("content")
+        parts = content.get("parts") if isinstance(content, dict) else None
+        changed = False
+        for part in parts if isinstance(parts, list) else ():
+            if not isinstance(part, dict):
+                continue
+            text = part.get("text")
+            if isinstance(text, str) and text:
+                released = self._feed_channel((index, "text"), text)
+                if released != text:
+                    part["text"] = released
+                    changed = True
+            call = part.get("functionCall")
+            if isinstance(call, dict):
+                for slot in string_leaves(call.get("args"), "assistant"):
+                    released = self._feed_channel((index, "call"), slot.text) + self._flush_channel((index, "call"))
+                    if released != slot.text:
+                        slot.set(released)
+                        changed = True
+        if candidate.get("finishReason") is not None:
+            held = self._flush_channel((index, "text"))
+            if held:
+                if not isinstance(content, dict):
+                    content = candidate["content"] = {"role": "model"}
+                if not isinstance(content.get("parts"), list):
+                    content["parts"] = []
+                content["parts"].append({"text": held})
+                changed = True
+        return changed
+
+    def _flush_channels(self, wanted: Callable[[Hashable], bool]) -> bytes:
+        output: list[bytes] = []
+        for key in [key for key in self._channels if wanted(key)]:
+            text = self._flush_channel(key)
+            if text:
+                index = key[0]  # type: ignore[index]
+                chunk = {"candidates": [{"content": {"role": "model", "parts": [{"text": text}]}, "index": index}]}
+                output.append(encode_event(_dumps(chunk)))
+        return b"".join(output)
+
+
 def stream_rewriter_for(api: Api, *args: Any, **kwargs: Any) -> StreamRewriter:
     if api.kind is ApiKind.ANTHROPIC_MESSAGES:
         return AnthropicStreamRewriter(api, *args, **kwargs)
+    if api.kind is ApiKind.GEMINI_GENERATE_CONTENT:
+        return GeminiStreamRewriter(api, *args, **kwargs)
     return OpenAiStreamRewriter(api, *args, **kwargs)

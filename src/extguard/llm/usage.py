@@ -9,6 +9,13 @@
   `message_start` is a placeholder (1, or a few tokens) and is ignored, so a stream that ends
   before `message_delta` gets its output estimated from the text.
 
+- Gemini `generateContent` (a native response behind a translating gateway):
+  `usageMetadata.promptTokenCount` (which includes `cachedContentTokenCount`) and
+  `candidatesTokenCount` plus `thoughtsTokenCount` as output; every stream chunk carries the
+  counts so far.
+- Bedrock Converse: `usage.inputTokens` (plus `cacheReadInputTokens` and
+  `cacheWriteInputTokens`) and `usage.outputTokens`.
+
 Where a provider reports nothing (a cancelled stream, a proxy that strips usage), the caller
 estimates from text at ESTIMATE_CHARS_PER_TOKEN, because no tokenizer file may be loaded.
 """
@@ -64,6 +71,12 @@ def usage_from_document(api: Api, document: Any, reported: ReportedUsage) -> Non
     """Update `reported` from a JSON response or one stream chunk of `api`."""
     if not isinstance(document, dict):
         return
+    if api.kind is ApiKind.GEMINI_GENERATE_CONTENT:
+        _gemini(document, reported)
+        return
+    if api.kind is ApiKind.BEDROCK_CONVERSE:
+        _bedrock_converse(document, reported)
+        return
     if api.kind is ApiKind.ANTHROPIC_MESSAGES:
         message = document.get("message")
         if document.get("type") == "message_start" and isinstance(message, dict):
@@ -103,6 +116,8 @@ def usage_from_event(api: Api, event: SseEvent, reported: ReportedUsage) -> None
     if api.kind is ApiKind.ANTHROPIC_MESSAGES:
         if event.event not in ("message_start", "message_delta"):
             return
+    elif api.kind is ApiKind.GEMINI_GENERATE_CONTENT:
+        pass  # every chunk can carry the model, finish reasons and the counts so far
     elif '"usage"' not in event.data or not _USAGE_OBJECT.search(event.data):
         # With include_usage every chunk carries "usage": null; only the last one needs parsing.
         return
@@ -122,6 +137,40 @@ def _anthropic(usage: dict[str, Any], reported: ReportedUsage, *, with_output: b
         reported.cached_input_tokens = cache_read
     output_tokens = _int(usage.get("output_tokens"))
     if output_tokens is not None and with_output:
+        reported.output_tokens = output_tokens
+
+
+def _gemini(document: dict[str, Any], reported: ReportedUsage) -> None:
+    reported.note_model(document.get("modelVersion"))
+    for candidate in document.get("candidates") or ():
+        if isinstance(candidate, dict):
+            reported.note_finish_reason(candidate.get("finishReason"))
+    usage = document.get("usageMetadata")
+    if not isinstance(usage, dict):
+        return
+    prompt = _int(usage.get("promptTokenCount"))
+    if prompt is not None:
+        reported.input_tokens = prompt
+        reported.cached_input_tokens = _int(usage.get("cachedContentTokenCount")) or 0
+    candidates = _int(usage.get("candidatesTokenCount"))
+    thoughts = _int(usage.get("thoughtsTokenCount"))
+    if candidates is not None or thoughts is not None:
+        reported.output_tokens = (candidates or 0) + (thoughts or 0)
+
+
+def _bedrock_converse(document: dict[str, Any], reported: ReportedUsage) -> None:
+    reported.note_finish_reason(document.get("stopReason"))
+    usage = document.get("usage")
+    if not isinstance(usage, dict):
+        return
+    input_tokens = _int(usage.get("inputTokens"))
+    if input_tokens is not None:
+        cache_read = _int(usage.get("cacheReadInputTokens")) or 0
+        cache_write = _int(usage.get("cacheWriteInputTokens")) or 0
+        reported.input_tokens = input_tokens + cache_read + cache_write
+        reported.cached_input_tokens = cache_read
+    output_tokens = _int(usage.get("outputTokens"))
+    if output_tokens is not None:
         reported.output_tokens = output_tokens
 
 

@@ -79,8 +79,11 @@ _SCRIPT_FIELDS = frozenset(
         "truncate_after_events",
         "hold_after_events",
         "content_type",
+        "native",
     }
 )
+# Native response formats that `mock.native` selects on /v1/chat/completions.
+NATIVE_FORMATS = ("anthropic", "gemini", "bedrock")
 
 # Error types by HTTP status, from https://docs.claude.com/en/api/errors. That page states that other
 # 4xx statuses may use invalid_request_error, and the mock uses api_error for other 5xx ones.
@@ -131,6 +134,10 @@ class MockScript:
             reads what was sent and closes the stream, so the billed usage is exactly known.
         content_type: content type sent in place of ``application/json`` or
             ``text/event-stream``.
+        native: on ``/v1/chat/completions``, answer in a provider's native format instead of
+            OpenAI's, as a provider behind a translating gateway (Envoy AI Gateway) does:
+            ``anthropic`` (Messages, JSON or SSE), ``gemini`` (``generateContent`` JSON, or
+            ``streamGenerateContent`` SSE) or ``bedrock`` (Converse JSON; not streamed).
     """
 
     reply: str | None = None
@@ -144,6 +151,7 @@ class MockScript:
     truncate_after_events: int | None = None
     hold_after_events: int | None = None
     content_type: str | None = None
+    native: str | None = None
 
 
 @dataclass
@@ -219,6 +227,7 @@ def parse_mock_script(raw: object) -> MockScript:
         truncate_after_events=_bounded_int(raw, "truncate_after_events", None, minimum=0),
         hold_after_events=_bounded_int(raw, "hold_after_events", None, minimum=0),
         content_type=_parse_content_type(raw.get("content_type")),
+        native=_parse_native(raw.get("native")),
     )
 
     if script.reply is not None and script.tool_call is not None:
@@ -295,6 +304,14 @@ def _parse_status(raw: object) -> int | None:
     if not _is_int(raw) or not 400 <= raw <= 599:
         raise InvalidRequestError(f"mock.status must be an HTTP error status 400-599, got {raw!r}")
     return raw
+
+
+def _parse_native(raw: object) -> str | None:
+    if raw is None:
+        return None
+    if raw not in NATIVE_FORMATS:
+        raise InvalidRequestError(f"mock.native must be one of {list(NATIVE_FORMATS)}, got {raw!r}")
+    return str(raw)
 
 
 def _parse_content_type(raw: object) -> str | None:
@@ -625,11 +642,116 @@ async def _handle_chat_completions(request: web.Request) -> web.StreamResponse:
 
     prompt_text = "".join(_content_text(message.get("content")) for message in messages)
     completion = _build_completion(model, prompt_text, _last_user_text(messages), script)
+    if script.native is not None:
+        return await _native_reply(request, completion, script, stream)
     if stream:
         events = _chat_stream_events(completion, script, include_usage)
         return await _send_sse(request, events, script, completion.prompt_tokens)
     request.app[BILLING].bill(completion.prompt_tokens, completion.completion_tokens)
     return _json_response(_chat_completion_object(completion), script)
+
+
+async def _native_reply(
+    request: web.Request, completion: Completion, script: MockScript, stream: bool
+) -> web.StreamResponse:
+    """Answer an OpenAI-format request in the provider's native format that the script names."""
+    if stream and script.native == "bedrock":
+        message = "mock.native bedrock is not streamed: Bedrock streams are binary event streams"
+        return _json_response(openai_error(message, 400), MockScript(), status=400)
+    try:
+        if script.native == "anthropic":
+            document = _anthropic_message(completion)
+            events = _anthropic_stream_events(completion, script) if stream else []
+        elif script.native == "gemini":
+            document = _gemini_response(completion)
+            events = _gemini_stream_events(completion, script) if stream else []
+        else:
+            document = _bedrock_converse_response(completion)
+            events = []
+    except InvalidRequestError as error:
+        return _json_response(openai_error(str(error), 400), MockScript(), status=400)
+    if stream:
+        return await _send_sse(request, events, script, completion.prompt_tokens)
+    request.app[BILLING].bill(completion.prompt_tokens, completion.completion_tokens)
+    return _json_response(document, script)
+
+
+def _gemini_parts(completion: Completion) -> list[dict[str, Any]]:
+    if completion.tool_call is None:
+        return [{"text": completion.text}]
+    return [{"functionCall": {"name": completion.tool_call.name, "args": _tool_use_input(completion.tool_call)}}]
+
+
+def _gemini_usage(prompt_tokens: int, output_tokens: int) -> dict[str, int]:
+    return {
+        "promptTokenCount": prompt_tokens,
+        "candidatesTokenCount": output_tokens,
+        "totalTokenCount": prompt_tokens + output_tokens,
+    }
+
+
+def _gemini_response(completion: Completion) -> dict[str, Any]:
+    """Return a Gemini ``generateContent`` response for the completion."""
+    return {
+        "candidates": [
+            {"content": {"role": "model", "parts": _gemini_parts(completion)}, "finishReason": "STOP", "index": 0}
+        ],
+        "usageMetadata": _gemini_usage(completion.prompt_tokens, completion.completion_tokens),
+        "modelVersion": completion.model,
+        "responseId": _new_id("gemini-"),
+    }
+
+
+def _gemini_stream_events(completion: Completion, script: MockScript) -> list[SseEvent]:
+    """Encode a completion as ``streamGenerateContent?alt=sse`` chunks.
+
+    Each chunk carries one piece of text and the usage so far; the last one carries
+    ``finishReason``. A function call comes whole in one chunk, as Gemini sends it.
+    """
+    if completion.tool_call is None:
+        pieces = split_text(completion.text, script.split_at, script.chunk_chars) or [""]
+        parts_list = [[{"text": piece}] for piece in pieces]
+        generated = pieces
+    else:
+        parts_list = [_gemini_parts(completion)]
+        generated = [completion.tool_call.arguments]
+    events: list[SseEvent] = []
+    written = ""
+    for position, (parts, piece) in enumerate(zip(parts_list, generated)):
+        written += piece
+        candidate: dict[str, Any] = {"content": {"role": "model", "parts": parts}, "index": 0}
+        if position == len(parts_list) - 1:
+            candidate["finishReason"] = "STOP"
+        chunk = {
+            "candidates": [candidate],
+            "usageMetadata": _gemini_usage(completion.prompt_tokens, estimate_tokens(written)),
+            "modelVersion": completion.model,
+        }
+        events.append(SseEvent(_sse_data(chunk), piece))
+    return events
+
+
+def _bedrock_converse_response(completion: Completion) -> dict[str, Any]:
+    """Return a Bedrock Converse response for the completion."""
+    if completion.tool_call is None:
+        content: list[dict[str, Any]] = [{"text": completion.text}]
+    else:
+        tool_use = {
+            "toolUseId": _new_id("tooluse_"),
+            "name": completion.tool_call.name,
+            "input": _tool_use_input(completion.tool_call),
+        }
+        content = [{"toolUse": tool_use}]
+    return {
+        "output": {"message": {"role": "assistant", "content": content}},
+        "stopReason": _stop_reason(completion),
+        "usage": {
+            "inputTokens": completion.prompt_tokens,
+            "outputTokens": completion.completion_tokens,
+            "totalTokens": completion.prompt_tokens + completion.completion_tokens,
+        },
+        "metrics": {"latencyMs": 1},
+    }
 
 
 def _include_usage(body: dict[str, Any]) -> bool:
