@@ -28,15 +28,9 @@ if ! command -v redis-server >/dev/null 2>&1; then
     fi
 fi
 
-# xds-protos ships an old copy of the opentelemetry/proto modules. When pip installs it after
-# opentelemetry-proto, it replaces that package's files, and the OTLP exporter cannot load. Put
-# the files of the installed opentelemetry-proto version back.
+# See scripts/repair-otel-protos.sh: xds-protos overwrites opentelemetry-proto's files.
 repair_otel_protos() {
-    local version
-    version=$("$1/bin/python" -m pip show opentelemetry-proto 2>/dev/null | sed -n 's/^Version: //p')
-    if [ -n "$version" ]; then
-        "$1/bin/python" -m pip install --quiet --force-reinstall --no-deps "opentelemetry-proto==$version"
-    fi
+    "$repo_root/scripts/repair-otel-protos.sh" "$1"
 }
 
 if [ ! -x "$venv/bin/python" ]; then

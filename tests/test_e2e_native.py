@@ -1,4 +1,4 @@
-"""Responses in a provider's native format, as extguard sees them behind Envoy AI Gateway.
+"""Responses in a provider's native format, as they reach extguard behind Envoy AI Gateway.
 
 AI Gateway translates the provider's response into OpenAI's format only after extguard's filter
 has read it, so an OpenAI-format request can get an Anthropic Messages, Gemini or Bedrock
@@ -155,7 +155,8 @@ def test_gemini_stream_secret_ends_with_gemini_error(stack) -> None:  # type: ig
     assert status == 200  # the stream had begun: the error is its last event
     documents = sse_documents(raw)
     error = documents[-1][1]["error"]
-    assert error["status"] == "INTERNAL" and error["code"] == 502
+    assert error["status"] == "INTERNAL"
+    assert error["code"] == 502
     assert "AWS_ACCESS_KEY_ID" in error["message"]
     assert b"AKIA" not in raw
 
@@ -165,7 +166,8 @@ def test_anthropic_native_stream_secret_ends_with_anthropic_error(stack) -> None
 
     assert status == 200
     name, data = sse_documents(raw)[-1]
-    assert name == "error" and data["type"] == "error"
+    assert name == "error"
+    assert data["type"] == "error"
     assert b"AKIA" not in raw
 
 
