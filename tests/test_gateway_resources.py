@@ -1,16 +1,11 @@
 """The Envoy Gateway and AI Gateway resources in envoy/gateway/ validate against their CRDs.
 
-The CRDs (schemas only) come from ../shared/crds, or EXTGUARD_CRD_DIR. Each resource is checked with the version's
-OpenAPI schema, and, like the Kubernetes API server's field validation, every field must be
-known to the schema: a misspelt field would otherwise be dropped without a word. The CEL rules
-(`x-kubernetes-validations`) of the CRDs are not evaluated here.
+tests/crd_schemas.py finds the CRDs (schemas only) and checks each resource with its version's
+OpenAPI schema and, like the API server's strict field validation, for unknown fields.
 """
 
 from __future__ import annotations
 
-import functools
-import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,39 +13,12 @@ import jsonschema
 import pytest
 import yaml
 
+from crd_schemas import CRD_DIR, crd_schemas, unknown_fields
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# The CRDs are not part of the repository: EXTGUARD_CRD_DIR, or ../shared/crds beside the clone.
-CRD_DIR = Path(os.environ.get("EXTGUARD_CRD_DIR") or REPO_ROOT.parent / "shared" / "crds")
 RESOURCES = sorted((REPO_ROOT / "envoy" / "gateway").glob("*.yaml"))
 
 pytestmark = pytest.mark.skipif(not CRD_DIR.is_dir(), reason=f"the CRDs are not at {CRD_DIR}")
-
-
-@functools.cache
-def crd_schemas() -> dict[tuple[str, str, str], dict[str, Any]]:
-    """Return the OpenAPI schema of each (group, version, kind)."""
-    schemas = {}
-    for path in CRD_DIR.glob("*.yaml"):
-        crd = yaml.safe_load(path.read_text(encoding="utf-8"))
-        spec = crd["spec"]
-        for version in spec["versions"]:
-            schemas[(spec["group"], version["name"], spec["names"]["kind"])] = version["schema"]["openAPIV3Schema"]
-    return schemas
-
-
-def unknown_fields(value: Any, schema: dict[str, Any], where: str = "") -> Iterator[str]:
-    """Yield the paths of fields that the schema does not define (strict field validation)."""
-    if schema.get("x-kubernetes-preserve-unknown-fields"):
-        return
-    if isinstance(value, dict) and "properties" in schema:
-        for key, item in value.items():
-            if key in schema["properties"]:
-                yield from unknown_fields(item, schema["properties"][key], f"{where}.{key}")
-            elif not schema.get("additionalProperties"):
-                yield f"{where}.{key}"
-    elif isinstance(value, list) and "items" in schema:
-        for index, item in enumerate(value):
-            yield from unknown_fields(item, schema["items"], f"{where}[{index}]")
 
 
 def documents() -> list[tuple[str, dict[str, Any]]]:
