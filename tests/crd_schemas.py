@@ -50,7 +50,7 @@ def unknown_fields(value: Any, schema: dict[str, Any], where: str = "") -> Itera
 
 
 def crd_errors(resource: dict[str, Any]) -> list[str]:
-    """Return the schema errors and unknown spec fields of a custom resource; [] when it is valid.
+    """Return the schema errors and unknown spec fields of a custom resource, or [] when it is valid.
 
     Raises KeyError when no CRD in CRD_DIR defines the resource's apiVersion and kind.
     """

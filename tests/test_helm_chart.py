@@ -2,11 +2,12 @@
 
 Helm runs in-process through helm-python-sdk (Helm's Go library behind ctypes), so no `helm`
 binary and no cluster are needed. The chart is checked with its default values and with
-tests/data/helm-values-full.yaml, which turns on every optional part. Rendered core objects are
-validated with kubernetes-validate's strict schemas (unknown fields fail) for the oldest
-Kubernetes version the chart supports; Envoy Gateway objects against their CRDs
-(tests/crd_schemas.py); the ServiceMonitor and ReferenceGrant, whose CRDs are not available
-here, by a minimal check of their shape.
+tests/data/helm-values-full.yaml, which turns on every optional part.
+
+Rendered core objects are validated with kubernetes-validate's strict schemas (unknown fields
+fail) for the oldest Kubernetes version that the chart supports. Envoy Gateway objects are
+validated against their CRDs (tests/crd_schemas.py). The CRDs of the ServiceMonitor and the
+ReferenceGrant are not available here, so a minimal check of their shape stands in.
 """
 
 from __future__ import annotations
@@ -49,11 +50,12 @@ def full_values() -> dict[str, Any]:
     return yaml.safe_load(FULL_VALUES.read_text(encoding="utf-8"))
 
 
-VALUE_SETS = {"default": {}, "full": None}  # None: full_values(), read when a test runs
+VALUE_SETS = ["default", "full"]
 
 
-def values_of(name: str) -> dict[str, Any]:
-    return copy.deepcopy(full_values() if VALUE_SETS[name] is None else VALUE_SETS[name])
+def values_of(value_set: str) -> dict[str, Any]:
+    """Return a copy of the named values: the chart's defaults ({}) or the full values file."""
+    return copy.deepcopy(full_values()) if value_set == "full" else {}
 
 
 @pytest.fixture(scope="module")
@@ -102,32 +104,33 @@ def rendered_policy(objects: list[Manifest]) -> dict[str, Any]:
 # Lint
 
 
-@pytest.mark.parametrize("value_set", sorted(VALUE_SETS))
+@pytest.mark.parametrize("value_set", VALUE_SETS)
 def test_lint_strict_passes(value_set: str) -> None:
     report = helm.lint(CHART, values_of(value_set), strict=True, namespace=NAMESPACE, kube_version=f"v{KUBERNETES_VERSION}")
 
-    # Severity 1 is information (such as "icon is recommended"); 2 is a warning, 3 an error.
+    # Severity 1 is information, such as "icon is recommended". 2 is a warning and 3 an error.
     assert report["errors"] == []
     assert [message for message in report["messages"] if message["severity"] >= 2] == []
 
 
 @pytest.mark.parametrize(
-    "typo",
-    [{"replicaCont": 3}, {"redis": {"enabeld": True}}, {"server": {"gracePeriodSecond": 5}}],
+    ("typo", "key"),
+    [({"replicaCont": 3}, "replicaCont"), ({"redis": {"enabeld": True}}, "enabeld"), ({"server": {"gracePeriodSecond": 5}}, "gracePeriodSecond")],
     ids=["top-level", "redis", "server"],
 )
-def test_schema_rejects_misspelt_key(chart: helm.Chart, typo: dict[str, Any]) -> None:
+def test_schema_rejects_misspelt_key(chart: helm.Chart, typo: dict[str, Any], key: str) -> None:
     report = helm.lint(CHART, typo, strict=True, namespace=NAMESPACE)
 
     assert report["errors"] != []
-    with pytest.raises(helm.HelmValuesError):
+    assert any(key in error for error in report["errors"])
+    with pytest.raises(helm.HelmValuesError, match=key):
         chart.render(typo, name=RELEASE, namespace=NAMESPACE)
 
 
 # Validation of every rendered object
 
 
-@pytest.mark.parametrize("value_set", sorted(VALUE_SETS))
+@pytest.mark.parametrize("value_set", VALUE_SETS)
 def test_core_objects_match_kubernetes_schema(chart: helm.Chart, value_set: str) -> None:
     objects = [item for item in render(chart, values_of(value_set)) if item["apiVersion"] in CORE_GROUPS]
 
@@ -217,10 +220,36 @@ def test_labels_on_every_object(chart: helm.Chart) -> None:
         assert labels["helm.sh/chart"] == f"extguard-{chart.metadata['version']}", item["kind"]
 
 
+def test_autoscaler_owns_replicas(chart: helm.Chart) -> None:
+    fixed = one(render(chart, {}), "Deployment")
+    objects = render(chart, full_values())
+    autoscaler = one(objects, "HorizontalPodAutoscaler")
+
+    assert fixed["spec"]["replicas"] == 2
+    assert "replicas" not in one(objects, "Deployment")["spec"]
+    assert autoscaler["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": FULLNAME}
+    assert autoscaler["spec"]["minReplicas"] == full_values()["autoscaling"]["minReplicas"]
+
+
 def test_app_version_is_package_version(chart: helm.Chart) -> None:
     pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))
 
     assert chart.metadata["appVersion"] == pyproject["project"]["version"]
+
+
+def test_default_policy_is_example_policy(chart: helm.Chart) -> None:
+    original = (REPO_ROOT / "examples" / "policy.yaml").read_text(encoding="utf-8")
+    configmap = one(render(chart, {}), "ConfigMap")
+
+    assert (CHART / "files" / "policy.yaml").read_text(encoding="utf-8") == original
+    # Rendered as it is, so the ConfigMap keeps the file's comments.
+    assert configmap["data"]["policy.yaml"] == original
+
+
+def test_policy_value_replaces_default(chart: helm.Chart) -> None:
+    policy = {"version": 1, "default": {"rules": {"secrets": {"action": "block"}}}}
+
+    assert rendered_policy(render(chart, {"policy": policy})) == policy
 
 
 def test_dashboard_copy_equals_original(chart: helm.Chart) -> None:
@@ -232,7 +261,7 @@ def test_dashboard_copy_equals_original(chart: helm.Chart) -> None:
     assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
 
 
-@pytest.mark.parametrize("value_set", sorted(VALUE_SETS))
+@pytest.mark.parametrize("value_set", VALUE_SETS)
 def test_pod_runs_hardened(chart: helm.Chart, value_set: str) -> None:
     objects = render(chart, values_of(value_set))
     pod = one(objects, "Deployment")["spec"]["template"]["spec"]
@@ -283,7 +312,7 @@ def test_probes_are_grpc_on_listen_port(chart: helm.Chart, values: dict[str, Any
     assert service_port["appProtocol"] == "kubernetes.io/h2c"
 
 
-@pytest.mark.parametrize("value_set", sorted(VALUE_SETS))
+@pytest.mark.parametrize("value_set", VALUE_SETS)
 def test_grace_period_outlasts_drain(chart: helm.Chart, value_set: str) -> None:
     objects = render(chart, values_of(value_set))
     drain_seconds = float(args_of(objects)["grace-period-seconds"])
@@ -305,7 +334,7 @@ def test_policy_change_rolls_pods(chart: helm.Chart) -> None:
     def checksum(values: dict[str, Any]) -> str:
         return one(render(chart, values), "Deployment")["spec"]["template"]["metadata"]["annotations"]["checksum/policy"]
 
-    changed_policy = copy.deepcopy(chart.values["policy"])
+    changed_policy = yaml.safe_load((CHART / "files" / "policy.yaml").read_text(encoding="utf-8"))
     changed_policy["default"]["rules"]["secrets"]["action"] = "mask"
 
     assert checksum({"policy": changed_policy}) != checksum({})
@@ -329,7 +358,7 @@ def test_existing_policy_config_map(chart: helm.Chart) -> None:
 
 # The rendered policy and extguard's own validation
 
-# Policy fields that a parallel change adds to extguard. Until the loader in this checkout knows
+# Policy fields that a parallel change adds to extguard. Until the loader in this checkout has
 # them, the full values' policy is checked without them.
 PENDING_STORE_FIELDS = {"mode", "sentinel_master", "sentinels", "password_env", "username_env"}
 PENDING_TENANCY_FIELDS = {"api_keys_file"}

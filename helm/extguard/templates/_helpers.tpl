@@ -40,7 +40,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
 {{/*
-The labels that select the pods; they must never change after the first install, because a
+The labels that select the pods. They must never change after the first install, because a
 Deployment's selector is immutable.
 */}}
 {{- define "extguard.selectorLabels" -}}
@@ -92,11 +92,16 @@ default. With an existing policy ConfigMap the chart cannot read it, so the defa
 The policy file: `policy` from the values, with the settings that the chart owns written into
 tenancy: the Redis store (redis.*), its credential variables (redis.auth), the spool file
 (spool.*) and the API key hashes file (apiKeys.*). Fields of tenancy.store that the values do not
-set keep the policy's own value.
+set keep the policy's own value. Without a `policy` value and without those settings, the
+chart's files/policy.yaml is used as it is, comments included.
 */}}
 {{- define "extguard.policy" -}}
-{{- $policy := deepCopy .Values.policy }}
-{{- if or .Values.redis.enabled .Values.apiKeys.existingSecret }}
+{{- $chartOwned := or .Values.redis.enabled .Values.apiKeys.existingSecret }}
+{{- if and (not .Values.policy) (not $chartOwned) }}
+{{- .Files.Get "files/policy.yaml" }}
+{{- else }}
+{{- $policy := deepCopy (.Values.policy | default (.Files.Get "files/policy.yaml" | fromYaml)) }}
+{{- if $chartOwned }}
 {{- if not (kindIs "map" $policy.tenancy) }}
 {{- fail "redis.enabled and apiKeys.existingSecret need a `tenancy` section with tenants in `policy`" }}
 {{- end }}
@@ -128,6 +133,7 @@ set keep the policy's own value.
 {{- $_ := set $policy.tenancy "api_keys_file" (printf "%s/%s" (include "extguard.apiKeysDir" .) .Values.apiKeys.key) }}
 {{- end }}
 {{- toYaml $policy }}
+{{- end }}
 {{- end }}
 
 {{/*
