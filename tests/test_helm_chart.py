@@ -7,7 +7,7 @@ tests/data/helm-values-full.yaml, which turns on every optional part.
 Rendered core objects are validated with kubernetes-validate's strict schemas (unknown fields
 fail) for the oldest Kubernetes version that the chart supports. Envoy Gateway objects are
 validated against their CRDs (tests/crd_schemas.py). The CRDs of the ServiceMonitor and the
-ReferenceGrant are not available here, so a minimal check of their shape stands in.
+ReferenceGrant are not available here, so the tests check their shape by hand.
 """
 
 from __future__ import annotations
