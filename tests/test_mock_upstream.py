@@ -24,7 +24,7 @@ import anthropic
 import openai
 import pytest
 
-from extguard.testing.mock_upstream import MockUpstream, split_text, start_mock_upstream
+from extguard.testing.mock_upstream import MockUpstream, Outage, split_text, start_mock_upstream
 
 SRC_DIR = Path(__file__).resolve().parents[1] / "src"
 
@@ -46,11 +46,11 @@ class Reply:
 class Harness:
     """A mock upstream running on an event loop in a background thread."""
 
-    def __init__(self) -> None:
+    def __init__(self, outage: Outage | None = None) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.mock: MockUpstream = self.run(start_mock_upstream())
+        self.mock: MockUpstream = self.run(start_mock_upstream(outage=outage))
 
     def run(self, coroutine: Coroutine[Any, Any, Any]) -> Any:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=10)
@@ -844,6 +844,60 @@ def test_anthropic_client_stream(harness: Harness) -> None:
     assert final.usage.output_tokens == math.ceil(len("streamed reply text") / 4)
 
 
+# --- Azure path and outages ---------------------------------------------------------------------
+
+
+def test_azure_deployment_path_served(harness: Harness) -> None:
+    path = "/openai/deployments/my-gpt/chat/completions?api-version=2024-10-21"
+    reply = harness.request("POST", path, json_body=chat_body("azure hello"))
+
+    assert reply.status == 200
+    assert reply.json()["choices"][0]["message"]["content"] == "azure hello"
+
+
+@pytest.fixture(scope="module")
+def failing() -> Iterator[Harness]:
+    running = Harness(Outage(status=429, retry_after_s=7))
+    yield running
+    running.close()
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "error_type"),
+    [
+        (CHAT_PATH, chat_body(), "invalid_request_error"),
+        (MESSAGES_PATH, messages_body(), "rate_limit_error"),
+    ],
+)
+def test_outage_error_in_provider_format(
+    failing: Harness, path: str, body: dict[str, Any], error_type: str
+) -> None:
+    reply = failing.request("POST", path, json_body=body)
+
+    assert reply.status == 429
+    assert reply.headers["Retry-After"] == "7"
+    assert reply.json()["error"]["type"] == error_type
+
+
+def test_outage_request_still_recorded(failing: Harness) -> None:
+    failing.request("DELETE", "/mock/requests")
+    failing.request("POST", CHAT_PATH, json_body=chat_body("recorded anyway"))
+
+    records = failing.request("GET", "/mock/requests").json()
+    assert [json.loads(record["body"])["messages"][0]["content"] for record in records] == ["recorded anyway"]
+
+
+def test_outage_spares_mock_endpoints(failing: Harness) -> None:
+    assert failing.request("GET", "/healthz").status == 200
+    assert failing.request("GET", "/mock/usage").status == 200
+
+
+@pytest.mark.parametrize(("status", "retry_after_s"), [(200, None), (600, None), (503, -1)])
+def test_outage_invalid_values_rejected(status: int, retry_after_s: int | None) -> None:
+    with pytest.raises(ValueError, match="must be"):
+        Outage(status, retry_after_s)
+
+
 # --- Command line -----------------------------------------------------------------------------
 
 
@@ -870,3 +924,17 @@ def test_main_serves_until_sigterm() -> None:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_main_retry_after_needs_fail_status() -> None:
+    python_path = os.pathsep.join([str(SRC_DIR), os.environ.get("PYTHONPATH", "")])
+    result = subprocess.run(
+        [sys.executable, "-m", "extguard.testing.mock_upstream", "--retry-after", "1"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "PYTHONPATH": python_path},
+    )
+
+    assert result.returncode == 2
+    assert "--retry-after needs --fail-status" in result.stderr

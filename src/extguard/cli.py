@@ -188,12 +188,22 @@ def _add_mock_upstream(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("mock-upstream", help="run the OpenAI/Anthropic-compatible mock upstream")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
     parser.add_argument("--port", type=int, default=0, help="port; 0 picks a free one (default %(default)s)")
+    parser.add_argument(
+        "--fail-status", type=int, metavar="CODE",
+        help="reply to every LLM request with this HTTP error status (400-599), as a provider in an outage would",
+    )
+    parser.add_argument("--retry-after", type=int, metavar="SECONDS", help="with --fail-status: send this Retry-After header")
 
 
 def _run_mock_upstream(args: argparse.Namespace) -> int:
     from extguard.testing.mock_upstream import main as mock_main
 
-    return mock_main(["--host", args.host, "--port", str(args.port)])
+    argv = ["--host", args.host, "--port", str(args.port)]
+    if args.fail_status is not None:
+        argv += ["--fail-status", str(args.fail_status)]
+    if args.retry_after is not None:
+        argv += ["--retry-after", str(args.retry_after)]
+    return mock_main(argv)
 
 
 def _add_scan(commands: argparse._SubParsersAction) -> None:

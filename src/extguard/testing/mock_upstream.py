@@ -3,6 +3,8 @@
 Endpoints:
 
 - ``POST /v1/chat/completions``: OpenAI Chat Completions, as JSON or as SSE (``"stream": true``).
+- ``POST /openai/deployments/NAME/chat/completions``: the same, at Azure OpenAI's path. The
+  deployment name and the ``api-version`` query are recorded but not checked.
 - ``POST /v1/messages``: Anthropic Messages, as JSON or as SSE.
 - ``GET /v1/models``: a fixed OpenAI-style model list. The LLM endpoints accept any model name.
 - ``GET /mock/raw`` and ``POST /mock/raw``: return the request body (``b"hello"`` for GET) as
@@ -16,6 +18,11 @@ Endpoints:
 By default the reply text echoes the text of the last user message, so a test can see what
 reached the upstream after masking. A request can script the reply with a top-level ``"mock"``
 object, which the OpenAI client sends through ``extra_body``. ``MockScript`` lists its fields.
+
+A whole server can simulate a provider outage instead: started with an ``Outage`` (the
+``--fail-status`` option), it replies to every LLM request with that error status in the
+endpoint's error format, optionally with a ``Retry-After`` header. A test uses it for the
+primary of a failover pair, since both servers of the pair receive the same request body.
 
 Token counts in ``usage`` are an estimate of ceil(characters / 4). Prompt tokens count the text
 of all messages plus the Anthropic ``system`` prompt. Completion tokens count the reply text or
@@ -55,6 +62,7 @@ from aiohttp import web
 logger = logging.getLogger(__name__)
 
 RECORDED_REQUESTS = web.AppKey("recorded_requests", collections.deque)
+OUTAGE: web.AppKey[Outage | None] = web.AppKey("outage")
 
 # Request body limit. aiohttp's default of 1 MiB would reject long benchmark prompts with 413.
 MAX_REQUEST_BYTES = 64 * 1024 * 1024
@@ -97,6 +105,20 @@ _ANTHROPIC_ERROR_TYPES = {
     500: "api_error",
     529: "overloaded_error",
 }
+
+
+@dataclass(frozen=True)
+class Outage:
+    """Every LLM request fails with ``status``, and ``Retry-After: retry_after_s`` when given."""
+
+    status: int
+    retry_after_s: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 400 <= self.status <= 599:
+            raise ValueError(f"fail status must be an HTTP error status 400-599, got {self.status}")
+        if self.retry_after_s is not None and self.retry_after_s < 0:
+            raise ValueError(f"retry-after must be >= 0 seconds, got {self.retry_after_s}")
 
 
 class InvalidRequestError(ValueError):
@@ -963,6 +985,24 @@ async def _record_request(request: web.Request, handler: Any) -> web.StreamRespo
     return await handler(request)
 
 
+@web.middleware
+async def _simulate_outage(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Reply to every LLM request with the app's outage error, when the app has one."""
+    outage = request.app[OUTAGE]
+    if outage is None or request.path.startswith("/mock/") or request.path == "/healthz":
+        return await handler(request)
+
+    message = f"mock outage with status {outage.status}"
+    if request.path == "/v1/messages":
+        payload = anthropic_error(message, outage.status)
+    else:
+        payload = openai_error(message, outage.status)
+    response = _json_response(payload, MockScript(), status=outage.status)
+    if outage.retry_after_s is not None:
+        response.headers["Retry-After"] = str(outage.retry_after_s)
+    return response
+
+
 def _log_rejected(request: web.Request, error: InvalidRequestError) -> None:
     logger.info("rejected %s %s with 400: %s", request.method, request.path, error)
 
@@ -974,18 +1014,25 @@ def _new_id(prefix: str) -> str:
 # --- Application and server -------------------------------------------------------------------
 
 
-def build_app(*, max_recorded: int = 100) -> web.Application:
+def build_app(*, max_recorded: int = 100, outage: Outage | None = None) -> web.Application:
     """Build the mock upstream application, recording at most ``max_recorded`` requests.
 
-    Older records are dropped first. All state lives on the returned application.
+    Older records are dropped first. With ``outage``, every LLM request gets its error, after
+    being recorded. All state lives on the returned application.
     """
     if max_recorded < 0:
         raise ValueError(f"max_recorded must be >= 0, got {max_recorded}")
 
-    app = web.Application(middlewares=[_record_request], client_max_size=MAX_REQUEST_BYTES)
+    app = web.Application(
+        middlewares=[_record_request, _simulate_outage], client_max_size=MAX_REQUEST_BYTES
+    )
     app[RECORDED_REQUESTS] = collections.deque(maxlen=max_recorded)
     app[BILLING] = Billing()
+    app[OUTAGE] = outage
     app.router.add_post("/v1/chat/completions", _handle_chat_completions)
+    app.router.add_post(
+        "/openai/deployments/{deployment}/chat/completions", _handle_chat_completions
+    )
     app.router.add_post("/v1/messages", _handle_messages)
     app.router.add_get("/v1/models", _handle_models)
     app.router.add_route("GET", "/mock/raw", _handle_raw)
@@ -1018,7 +1065,7 @@ class MockUpstream:
 
 
 async def start_mock_upstream(
-    host: str = "127.0.0.1", port: int = 0, *, max_recorded: int = 100
+    host: str = "127.0.0.1", port: int = 0, *, max_recorded: int = 100, outage: Outage | None = None
 ) -> MockUpstream:
     """Start the mock upstream on host and port, where port 0 picks a free port.
 
@@ -1028,7 +1075,7 @@ async def start_mock_upstream(
     Raises:
         OSError: the address could not be bound.
     """
-    app = build_app(max_recorded=max_recorded)
+    app = build_app(max_recorded=max_recorded, outage=outage)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     try:
@@ -1040,13 +1087,13 @@ async def start_mock_upstream(
     return MockUpstream(runner, host, bound_port)
 
 
-async def _serve_until_signal(host: str, port: int) -> None:
+async def _serve_until_signal(host: str, port: int, outage: Outage | None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signal_number in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signal_number, stop.set)
 
-    mock = await start_mock_upstream(host, port)
+    mock = await start_mock_upstream(host, port, outage=outage)
     print(f"mock upstream listening on {mock.base_url}", flush=True)
     logger.info("mock upstream started on %s", mock.base_url)
     try:
@@ -1071,13 +1118,32 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="TCP port to listen on; 0 picks a free port (default: %(default)s)",
     )
+    parser.add_argument(
+        "--fail-status",
+        type=int,
+        metavar="CODE",
+        help="reply to every LLM request with this HTTP error status (400-599), as a provider "
+        "in an outage or over its rate limit would (default: answer normally)",
+    )
+    parser.add_argument(
+        "--retry-after",
+        type=int,
+        metavar="SECONDS",
+        help="with --fail-status: send this Retry-After header, in seconds",
+    )
     args = parser.parse_args(argv)
+    if args.retry_after is not None and args.fail_status is None:
+        parser.error("--retry-after needs --fail-status")
+    try:
+        outage = None if args.fail_status is None else Outage(args.fail_status, args.retry_after)
+    except ValueError as error:
+        parser.error(str(error))
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        asyncio.run(_serve_until_signal(args.host, args.port))
+        asyncio.run(_serve_until_signal(args.host, args.port, outage))
     except OSError as error:
         logger.error("failed to listen on %s port %d: %s", args.host, args.port, error)
         return 1
