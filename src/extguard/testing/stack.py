@@ -80,7 +80,12 @@ class Stack:
     With `guarded=False` Envoy routes straight to the upstream (the benchmark's baseline).
     With `mock_upstream=False` no mock is started and `UPSTREAM_PORT` is a free port for a
     bootstrap that serves the upstream itself. `extra_ports` names more placeholders of a custom
-    bootstrap, each given a free port; `ports` maps every placeholder to its value.
+    bootstrap, each given a free port; `ports` maps every port placeholder to its value.
+
+    A bootstrap with several upstreams gets one more mock upstream per entry of
+    `extra_mock_upstreams`: the key is the placeholder of its port, the value the mock's extra
+    command-line options, such as ("--fail-status", "503"). `placeholders` gives the values of
+    placeholders that are not ports, such as a host name or a toggle.
     """
 
     policy: Path = EXAMPLE_POLICY
@@ -90,6 +95,8 @@ class Stack:
     log_level: str = "INFO"  # extguard's log level; DEBUG adds one line per request with findings
     mock_upstream: bool = True
     extra_ports: tuple[str, ...] = ()
+    extra_mock_upstreams: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    placeholders: dict[str, str] = field(default_factory=dict)
     otel_collector_port: int | None = None  # where Envoy exports spans; None: a free port, so they are dropped
     extra_env: dict[str, str] = field(default_factory=dict)
     extra_args: tuple[str, ...] = ()  # more `extguard serve` options, such as ("--audit-sink", "file:...")
@@ -119,6 +126,10 @@ class Stack:
     @property
     def upstream_url(self) -> str:
         return f"http://127.0.0.1:{self.upstream_port}"
+
+    def mock_url(self, port_placeholder: str) -> str:
+        """Return the URL of the mock upstream whose port fills `port_placeholder`."""
+        return f"http://127.0.0.1:{self.ports[port_placeholder]}"
 
     @property
     def metrics_url(self) -> str:
@@ -151,6 +162,12 @@ class Stack:
         if self.mock_upstream:
             self._spawn("mock-upstream", [python, "-m", "extguard.testing.mock_upstream", "--port", str(self.upstream_port)])
             self._wait_http(f"{self.upstream_url}/healthz", "mock-upstream")
+        mock_ports = {name: free_port() for name in self.extra_mock_upstreams}
+        for name, options in self.extra_mock_upstreams.items():
+            process_name = f"mock-upstream-{name.lower()}"
+            module = "extguard.testing.mock_upstream"
+            self._spawn(process_name, [python, "-m", module, "--port", str(mock_ports[name]), *options])
+            self._wait_http(f"http://127.0.0.1:{mock_ports[name]}/healthz", process_name)
 
         if self.guarded:
             self.extguard_port = free_port()
@@ -177,8 +194,10 @@ class Stack:
             "UPSTREAM_PORT": self.upstream_port,
             "OTEL_COLLECTOR_PORT": self.otel_collector_port or free_port(),
             **{name: free_port() for name in self.extra_ports},
+            **mock_ports,
         }
-        config = render_bootstrap(template, self.work_dir / "envoy.yaml", {**self.ports, "UPSTREAM_HOST": "127.0.0.1"})
+        values = {**self.ports, "UPSTREAM_HOST": "127.0.0.1", **self.placeholders}
+        config = render_bootstrap(template, self.work_dir / "envoy.yaml", values)
         command = [
             envoy_binary(), "-c", str(config),
             "--disable-hot-restart", "--concurrency", str(self.envoy_concurrency),
@@ -214,7 +233,11 @@ class Stack:
         self._processes.append(_Process(name, popen, log_path))
 
     def process(self, name: str) -> subprocess.Popen[bytes]:
-        """Return the running process `name` (mock-upstream, extguard or envoy)."""
+        """Return the running process `name`.
+
+        The names are mock-upstream, extguard, envoy, and mock-upstream-NAME for each entry of
+        `extra_mock_upstreams`, with NAME its port placeholder in lower case.
+        """
         return self._process(name).popen
 
     def _process(self, name: str) -> _Process:
