@@ -32,10 +32,11 @@ CLIENT_KEY = "tenant-key-of-the-client"
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def providers_stack(primary: tuple[str, ...] | None) -> Stack:
+def providers_stack(primary: tuple[str, ...] | None, upstream_tls: str = "plaintext") -> Stack:
     """Return a stack of the providers bootstrap whose OpenAI primary runs with `primary` options.
 
     With `primary=None` nothing listens on the primary's port, as when the provider is down.
+    Any `upstream_tls` other than "plaintext" keeps TLS toward the mocks, which speak plain HTTP.
     """
     mocks = {"OPENAI_SECONDARY_PORT": (), "ANTHROPIC_PORT": (), "AZURE_PORT": ()}
     extra_ports: tuple[str, ...] = ()
@@ -50,7 +51,7 @@ def providers_stack(primary: tuple[str, ...] | None) -> Stack:
         mock_upstream=False,
         extra_mock_upstreams=mocks,
         extra_ports=extra_ports,
-        placeholders={**{name: "127.0.0.1" for name in hosts}, "UPSTREAM_TLS": "plaintext"},
+        placeholders={**{name: "127.0.0.1" for name in hosts}, "UPSTREAM_TLS": upstream_tls},
         extra_env=PROVIDER_KEYS,
     )
 
@@ -120,15 +121,23 @@ def test_failover_sends_provider_key(outage_stack: Stack) -> None:
     assert CLIENT_KEY not in json.dumps(headers)
 
 
-def test_failover_after_connect_failure() -> None:
+def test_connect_failure_fails_over_then_ejects() -> None:
+    """Each failed connection fails over, and the third in a row ejects the primary."""
     with providers_stack(primary=None) as stack:
-        completion = openai_client(stack).chat.completions.create(
-            model="gpt-4o-mini", messages=[{"role": "user", "content": "Is anyone there?"}]
-        )
+        client = openai_client(stack)
+        prompts = [f"Is anyone there? ({attempt})" for attempt in range(4)]
 
-        assert completion.choices[0].message.content == "Is anyone there?"
-        assert envoy_counter(stack, "cluster.openai.upstream_cx_connect_fail") >= 1
-        assert [prompt_of(record) for record in recorded(stack, "OPENAI_SECONDARY_PORT")] == ["Is anyone there?"]
+        replies = []
+        for prompt in prompts:
+            completion = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": prompt}])
+            replies.append(completion.choices[0].message.content)
+
+        secondary = recorded(stack, "OPENAI_SECONDARY_PORT")
+        assert replies == prompts
+        assert [prompt_of(record) for record in secondary] == prompts
+        assert [record["headers"]["x-envoy-attempt-count"] for record in secondary] == ["2", "2", "2", "1"]
+        assert envoy_counter(stack, "cluster.openai.upstream_cx_connect_fail") == 3
+        assert envoy_counter(stack, "cluster.openai.outlier_detection.ejections_enforced_consecutive_5xx") == 1
 
 
 def test_rate_limited_retry_honours_retry_after() -> None:
@@ -175,3 +184,20 @@ def test_azure_route_reaches_azure(outage_stack: Stack) -> None:
     assert [record["path"] for record in records] == ["/openai/deployments/my-gpt-deployment/chat/completions"]
     assert records[0]["query"] == "api-version=2024-10-21"
     assert records[0]["headers"]["api-key"] == PROVIDER_KEYS["AZURE_OPENAI_API_KEY"]
+
+
+# -- TLS ---------------------------------------------------------------------------------------
+
+
+def test_tls_kept_unless_plaintext_requested() -> None:
+    """Without UPSTREAM_TLS=plaintext, Envoy speaks only TLS upstream, so a plain-HTTP mock is unusable."""
+    with providers_stack(primary=(), upstream_tls="on") as stack:
+        with pytest.raises(openai.InternalServerError) as raised:
+            openai_client(stack).chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "Plain text, please"}]
+            )
+
+        assert raised.value.status_code == 503
+        assert recorded(stack, "OPENAI_PORT") == []
+        assert recorded(stack, "OPENAI_SECONDARY_PORT") == []
+        assert envoy_counter(stack, "cluster.openai.ssl.connection_error") >= 1

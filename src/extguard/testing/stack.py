@@ -164,10 +164,10 @@ class Stack:
             self._wait_http(f"{self.upstream_url}/healthz", "mock-upstream")
         mock_ports = {name: free_port() for name in self.extra_mock_upstreams}
         for name, options in self.extra_mock_upstreams.items():
-            process_name = f"mock-upstream-{name.lower()}"
-            module = "extguard.testing.mock_upstream"
-            self._spawn(process_name, [python, "-m", module, "--port", str(mock_ports[name]), *options])
-            self._wait_http(f"http://127.0.0.1:{mock_ports[name]}/healthz", process_name)
+            command = [python, "-m", "extguard.testing.mock_upstream", "--port", str(mock_ports[name]), *options]
+            self._spawn(f"mock-upstream-{name.lower()}", command)
+        for name in self.extra_mock_upstreams:  # started together, then waited for
+            self._wait_http(f"http://127.0.0.1:{mock_ports[name]}/healthz", f"mock-upstream-{name.lower()}")
 
         if self.guarded:
             self.extguard_port = free_port()
