@@ -1,17 +1,24 @@
 """End to end through envoy/extguard-providers.yaml: provider routes, credentials, retries, failover.
 
-Each provider of the bootstrap is a mock upstream on loopback, reached over plain HTTP
-(UPSTREAM_TLS=plaintext). The OpenAI cluster's primary is a mock in a simulated outage, or a
-port where nothing listens, and its secondary is a healthy mock.
+Each provider of the bootstrap is a mock upstream on loopback. Most tests reach the mocks over
+plain HTTP (UPSTREAM_TLS=plaintext), and the TLS tests give them certificates from a test CA.
+The OpenAI cluster's primary is a mock in a simulated outage, a port where nothing listens, or a
+mock with the wrong certificate, and its secondary is a healthy mock.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import ssl
+import subprocess
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import anthropic
+import certifi
 import openai
 import pytest
 
@@ -29,29 +36,56 @@ PROVIDER_KEYS = {
 }
 CLIENT_KEY = "tenant-key-of-the-client"
 
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+def _loopback_tls_context() -> ssl.SSLContext:
+    """Return a client context for reading a TLS mock's record on 127.0.0.1, unverified."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
 
 
-def providers_stack(primary: tuple[str, ...] | None, upstream_tls: str = "plaintext") -> Stack:
-    """Return a stack of the providers bootstrap whose OpenAI primary runs with `primary` options.
+_DIRECT = urllib.request.build_opener(
+    urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=_loopback_tls_context())
+)
+
+
+def providers_stack(
+    primary: tuple[str, ...] | None,
+    *,
+    secondary: tuple[str, ...] = (),
+    upstream_tls: str = "plaintext",
+    ca_file: Path | None = None,
+    provider_host: str = "127.0.0.1",
+) -> Stack:
+    """Return a stack of the providers bootstrap whose OpenAI mocks run with these options.
 
     With `primary=None` nothing listens on the primary's port, as when the provider is down.
-    Any `upstream_tls` other than "plaintext" keeps TLS toward the mocks, which speak plain HTTP.
+    Any `upstream_tls` other than "plaintext" keeps TLS toward the mocks, so they must serve
+    HTTPS with a certificate for `provider_host` from the CA in `ca_file`.
     """
-    mocks = {"OPENAI_SECONDARY_PORT": (), "ANTHROPIC_PORT": (), "AZURE_PORT": ()}
+    mocks = {"OPENAI_SECONDARY_PORT": secondary, "ANTHROPIC_PORT": (), "AZURE_PORT": ()}
     extra_ports: tuple[str, ...] = ()
     if primary is None:
         extra_ports = ("OPENAI_PORT",)
     else:
         mocks["OPENAI_PORT"] = primary
-    hosts = ("LISTEN_HOST", "EXTGUARD_HOST", "OPENAI_HOST", "OPENAI_SECONDARY_HOST", "ANTHROPIC_HOST", "AZURE_HOST")
+    provider_hosts = ("OPENAI_HOST", "OPENAI_SECONDARY_HOST", "ANTHROPIC_HOST", "AZURE_HOST")
+    placeholders = {
+        "LISTEN_HOST": "127.0.0.1",
+        "EXTGUARD_HOST": "127.0.0.1",
+        **{name: provider_host for name in provider_hosts},
+        "UPSTREAM_TLS": upstream_tls,
+        # Never read with UPSTREAM_TLS=plaintext, but Envoy checks that the file exists.
+        "UPSTREAM_CA_FILE": str(ca_file or certifi.where()),
+    }
     return Stack(
         policy=EXAMPLE_POLICY,
         bootstrap=PROVIDERS_BOOTSTRAP,
         mock_upstream=False,
         extra_mock_upstreams=mocks,
         extra_ports=extra_ports,
-        placeholders={**{name: "127.0.0.1" for name in hosts}, "UPSTREAM_TLS": upstream_tls},
+        placeholders=placeholders,
         extra_env=PROVIDER_KEYS,
     )
 
@@ -201,3 +235,71 @@ def test_tls_kept_unless_plaintext_requested() -> None:
         assert recorded(stack, "OPENAI_PORT") == []
         assert recorded(stack, "OPENAI_SECONDARY_PORT") == []
         assert envoy_counter(stack, "cluster.openai.ssl.connection_error") >= 1
+
+
+@dataclass(frozen=True)
+class CertificateFiles:
+    ca: Path
+    localhost_cert: Path  # subjectAltName DNS:localhost
+    localhost_key: Path
+    other_cert: Path  # subjectAltName DNS:other.invalid, from the same CA
+    other_key: Path
+
+
+def openssl(*arguments: str) -> None:
+    subprocess.run(["openssl", *arguments], check=True, capture_output=True, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> CertificateFiles:
+    """Create a test CA and two server certificates it signed, with the openssl command."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is missing; it creates the test certificates")
+    folder = tmp_path_factory.mktemp("tls")
+    ec_key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    openssl(
+        "req", "-x509", *ec_key, "-keyout", str(folder / "ca.key"), "-out", str(folder / "ca.pem"),
+        "-days", "2", "-subj", "/CN=extguard test CA",
+        "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign",
+    )  # fmt: skip
+    for name, dns_name in (("localhost", "localhost"), ("other", "other.invalid")):
+        extensions = folder / f"{name}.ext"
+        extensions.write_text(f"subjectAltName=DNS:{dns_name}\nextendedKeyUsage=serverAuth\n", encoding="utf-8")
+        openssl(
+            "req", *ec_key, "-keyout", str(folder / f"{name}.key"), "-out", str(folder / f"{name}.csr"),
+            "-subj", f"/CN={dns_name}",
+        )  # fmt: skip
+        openssl(
+            "x509", "-req", "-in", str(folder / f"{name}.csr"), "-CA", str(folder / "ca.pem"),
+            "-CAkey", str(folder / "ca.key"), "-CAcreateserial", "-days", "2",
+            "-extfile", str(extensions), "-out", str(folder / f"{name}.pem"),
+        )  # fmt: skip
+    return CertificateFiles(
+        ca=folder / "ca.pem",
+        localhost_cert=folder / "localhost.pem",
+        localhost_key=folder / "localhost.key",
+        other_cert=folder / "other.pem",
+        other_key=folder / "other.key",
+    )
+
+
+def test_tls_verifies_provider_name(certificates: CertificateFiles) -> None:
+    """The primary's certificate names another host, so Envoy rejects it and uses the secondary."""
+    wrong_name = ("--tls-cert", str(certificates.other_cert), "--tls-key", str(certificates.other_key))
+    right_name = ("--tls-cert", str(certificates.localhost_cert), "--tls-key", str(certificates.localhost_key))
+    # "localhost" resolves to loopback, and Envoy prefers its IPv4 address, where the mocks listen.
+    stack = providers_stack(
+        wrong_name, secondary=right_name, upstream_tls="on", ca_file=certificates.ca, provider_host="localhost"
+    )
+    with stack:
+        completion = openai_client(stack).chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "Over TLS to kim@example.com"}]
+        )
+
+        secondary = recorded(stack, "OPENAI_SECONDARY_PORT")
+        assert completion.choices[0].message.content == "Over TLS to <EMAIL_ADDRESS>"
+        assert recorded(stack, "OPENAI_PORT") == []
+        assert [prompt_of(record) for record in secondary] == ["Over TLS to <EMAIL_ADDRESS>"]
+        assert secondary[0]["headers"]["host"] == "localhost"
+        assert envoy_counter(stack, "cluster.openai.ssl.fail_verify_san") >= 1
+        assert envoy_counter(stack, "cluster.openai.ssl.handshake") >= 1

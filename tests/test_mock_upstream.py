@@ -926,10 +926,19 @@ def test_main_serves_until_sigterm() -> None:
             process.wait()
 
 
-def test_main_retry_after_needs_fail_status() -> None:
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--retry-after", "1"], "--retry-after needs --fail-status"),
+        (["--fail-status", "200"], "fail status must be an HTTP error status 400-599"),
+        (["--tls-cert", "server.pem"], "--tls-cert and --tls-key must be given together"),
+        (["--tls-cert", "missing.pem", "--tls-key", "missing.key"], "failed to load --tls-cert missing.pem"),
+    ],
+)
+def test_main_invalid_options_rejected(arguments: list[str], message: str) -> None:
     python_path = os.pathsep.join([str(SRC_DIR), os.environ.get("PYTHONPATH", "")])
     result = subprocess.run(
-        [sys.executable, "-m", "extguard.testing.mock_upstream", "--retry-after", "1"],
+        [sys.executable, "-m", "extguard.testing.mock_upstream", *arguments],
         capture_output=True,
         text=True,
         timeout=30,
@@ -937,4 +946,4 @@ def test_main_retry_after_needs_fail_status() -> None:
     )
 
     assert result.returncode == 2
-    assert "--retry-after needs --fail-status" in result.stderr
+    assert message in result.stderr

@@ -193,6 +193,8 @@ def _add_mock_upstream(commands: argparse._SubParsersAction) -> None:
         help="reply to every LLM request with this HTTP error status (400-599), as a provider in an outage would",
     )
     parser.add_argument("--retry-after", type=int, metavar="SECONDS", help="with --fail-status: send this Retry-After header")
+    parser.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate chain (PEM); needs --tls-key")
+    parser.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert (PEM)")
 
 
 def _run_mock_upstream(args: argparse.Namespace) -> int:
@@ -203,6 +205,10 @@ def _run_mock_upstream(args: argparse.Namespace) -> int:
         argv += ["--fail-status", str(args.fail_status)]
     if args.retry_after is not None:
         argv += ["--retry-after", str(args.retry_after)]
+    if args.tls_cert is not None:
+        argv += ["--tls-cert", args.tls_cert]
+    if args.tls_key is not None:
+        argv += ["--tls-key", args.tls_key]
     return mock_main(argv)
 
 

@@ -24,6 +24,9 @@ A whole server can simulate a provider outage instead: started with an ``Outage`
 endpoint's error format, optionally with a ``Retry-After`` header. A test uses it for the
 primary of a failover pair, since both servers of the pair receive the same request body.
 
+With ``--tls-cert`` and ``--tls-key`` (``ssl_context`` in the API) the server speaks HTTPS, for
+tests of an Envoy cluster with upstream TLS.
+
 Token counts in ``usage`` are an estimate of ceil(characters / 4). Prompt tokens count the text
 of all messages plus the Anthropic ``system`` prompt. Completion tokens count the reply text or
 the tool call arguments.
@@ -50,6 +53,7 @@ import json
 import logging
 import math
 import signal
+import ssl
 import sys
 import time
 import uuid
@@ -1048,16 +1052,17 @@ def build_app(*, max_recorded: int = 100, outage: Outage | None = None) -> web.A
 class MockUpstream:
     """A running mock upstream server. ``close()`` stops it."""
 
-    def __init__(self, runner: web.AppRunner, host: str, port: int) -> None:
+    def __init__(self, runner: web.AppRunner, host: str, port: int, scheme: str = "http") -> None:
         self._runner = runner
         self.host = host
         self.port = port
+        self.scheme = scheme
 
     @property
     def base_url(self) -> str:
         """The server's URL without a trailing slash, such as ``http://127.0.0.1:8080``."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{self.scheme}://{host}:{self.port}"
 
     async def close(self) -> None:
         """Stop accepting connections and wait up to 1 s for requests in progress."""
@@ -1065,12 +1070,18 @@ class MockUpstream:
 
 
 async def start_mock_upstream(
-    host: str = "127.0.0.1", port: int = 0, *, max_recorded: int = 100, outage: Outage | None = None
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    max_recorded: int = 100,
+    outage: Outage | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> MockUpstream:
     """Start the mock upstream on host and port, where port 0 picks a free port.
 
     Pass a literal address as host: with port 0, a name that resolves to several addresses
-    gets a different free port on each, and ``.port`` reports only the first.
+    gets a different free port on each, and ``.port`` reports only the first. With
+    ``ssl_context`` (a server context with its certificate loaded) it serves HTTPS.
 
     Raises:
         OSError: the address could not be bound.
@@ -1079,21 +1090,35 @@ async def start_mock_upstream(
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port).start()
+        await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
     except OSError:
         await runner.cleanup()
         raise
     bound_port = runner.addresses[0][1]
-    return MockUpstream(runner, host, bound_port)
+    return MockUpstream(runner, host, bound_port, "http" if ssl_context is None else "https")
 
 
-async def _serve_until_signal(host: str, port: int, outage: Outage | None) -> None:
+def server_ssl_context(cert_file: str, key_file: str) -> ssl.SSLContext:
+    """Return a TLS server context with the PEM certificate chain and key loaded.
+
+    Raises:
+        OSError: a file could not be read.
+        ssl.SSLError: a file is not a valid PEM certificate or key, or they do not match.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_file, key_file)
+    return context
+
+
+async def _serve_until_signal(
+    host: str, port: int, outage: Outage | None, ssl_context: ssl.SSLContext | None
+) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signal_number in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signal_number, stop.set)
 
-    mock = await start_mock_upstream(host, port, outage=outage)
+    mock = await start_mock_upstream(host, port, outage=outage, ssl_context=ssl_context)
     print(f"mock upstream listening on {mock.base_url}", flush=True)
     logger.info("mock upstream started on %s", mock.base_url)
     try:
@@ -1131,19 +1156,33 @@ def main(argv: list[str] | None = None) -> int:
         metavar="SECONDS",
         help="with --fail-status: send this Retry-After header, in seconds",
     )
+    parser.add_argument(
+        "--tls-cert",
+        metavar="PEM",
+        help="serve HTTPS with this certificate chain (PEM); needs --tls-key",
+    )
+    parser.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert (PEM)")
     args = parser.parse_args(argv)
     if args.retry_after is not None and args.fail_status is None:
         parser.error("--retry-after needs --fail-status")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key must be given together")
     try:
         outage = None if args.fail_status is None else Outage(args.fail_status, args.retry_after)
     except ValueError as error:
         parser.error(str(error))
+    ssl_context = None
+    if args.tls_cert is not None:
+        try:
+            ssl_context = server_ssl_context(args.tls_cert, args.tls_key)
+        except (OSError, ssl.SSLError) as error:
+            parser.error(f"failed to load --tls-cert {args.tls_cert} and --tls-key {args.tls_key}: {error}")
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        asyncio.run(_serve_until_signal(args.host, args.port, outage))
+        asyncio.run(_serve_until_signal(args.host, args.port, outage, ssl_context))
     except OSError as error:
         logger.error("failed to listen on %s port %d: %s", args.host, args.port, error)
         return 1

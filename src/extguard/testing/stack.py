@@ -10,6 +10,7 @@ import contextlib
 import os
 import shutil
 import socket
+import ssl
 import string
 import subprocess
 import sys
@@ -30,8 +31,20 @@ EXAMPLE_POLICY = REPO_ROOT / "examples" / "policy.yaml"
 
 STARTUP_TIMEOUT_SECONDS = 30.0
 
-# Readiness probes go to loopback only, never through a proxy named in the environment.
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+def _unverified_tls_context() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+# Readiness probes go to loopback only, never through a proxy named in the environment. A mock
+# upstream started with --tls-cert has a test certificate, so the probe skips verification.
+# Envoy verifies that certificate as the test configures it.
+_DIRECT = urllib.request.build_opener(
+    urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=_unverified_tls_context())
+)
 
 
 class StackError(RuntimeError):
@@ -128,8 +141,12 @@ class Stack:
         return f"http://127.0.0.1:{self.upstream_port}"
 
     def mock_url(self, port_placeholder: str) -> str:
-        """Return the URL of the mock upstream whose port fills `port_placeholder`."""
-        return f"http://127.0.0.1:{self.ports[port_placeholder]}"
+        """Return the URL of the mock upstream whose port fills `port_placeholder`.
+
+        The scheme is https for a mock started with --tls-cert.
+        """
+        scheme = "https" if "--tls-cert" in self.extra_mock_upstreams[port_placeholder] else "http"
+        return f"{scheme}://127.0.0.1:{self.ports[port_placeholder]}"
 
     @property
     def metrics_url(self) -> str:
@@ -166,8 +183,10 @@ class Stack:
         for name, options in self.extra_mock_upstreams.items():
             command = [python, "-m", "extguard.testing.mock_upstream", "--port", str(mock_ports[name]), *options]
             self._spawn(f"mock-upstream-{name.lower()}", command)
-        for name in self.extra_mock_upstreams:  # started together, then waited for
-            self._wait_http(f"http://127.0.0.1:{mock_ports[name]}/healthz", f"mock-upstream-{name.lower()}")
+        for name, options in self.extra_mock_upstreams.items():  # started together, then waited for
+            scheme = "https" if "--tls-cert" in options else "http"
+            url = f"{scheme}://127.0.0.1:{mock_ports[name]}/healthz"
+            self._wait_http(url, f"mock-upstream-{name.lower()}")
 
         if self.guarded:
             self.extguard_port = free_port()
