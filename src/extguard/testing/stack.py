@@ -72,6 +72,10 @@ def render_bootstrap(template: Path, destination: Path, values: dict[str, object
     return destination
 
 
+def _mock_scheme(options: tuple[str, ...]) -> str:
+    return "https" if "--tls-cert" in options else "http"
+
+
 @dataclass
 class _Process:
     name: str
@@ -145,7 +149,7 @@ class Stack:
 
         The scheme is https for a mock started with --tls-cert.
         """
-        scheme = "https" if "--tls-cert" in self.extra_mock_upstreams[port_placeholder] else "http"
+        scheme = _mock_scheme(self.extra_mock_upstreams[port_placeholder])
         return f"{scheme}://127.0.0.1:{self.ports[port_placeholder]}"
 
     @property
@@ -184,8 +188,7 @@ class Stack:
             command = [python, "-m", "extguard.testing.mock_upstream", "--port", str(mock_ports[name]), *options]
             self._spawn(f"mock-upstream-{name.lower()}", command)
         for name, options in self.extra_mock_upstreams.items():  # started together, then waited for
-            scheme = "https" if "--tls-cert" in options else "http"
-            url = f"{scheme}://127.0.0.1:{mock_ports[name]}/healthz"
+            url = f"{_mock_scheme(options)}://127.0.0.1:{mock_ports[name]}/healthz"
             self._wait_http(url, f"mock-upstream-{name.lower()}")
 
         if self.guarded:
