@@ -111,6 +111,14 @@ def test_api_key_identifies_tenant(authz_for) -> None:  # type: ignore[no-untype
     assert list(response.ok_response.headers_to_remove) == ["authorization"]
 
 
+def test_azure_api_key_header_identifies_tenant(authz_for) -> None:  # type: ignore[no-untyped-def]
+    # The Azure OpenAI client sends its key in `api-key`.
+    response = authz_for(policy()).check({"api-key": ACME_KEY})
+
+    assert upstream_headers(response) == {"x-extguard-tenant": "acme"}
+    assert list(response.ok_response.headers_to_remove) == ["api-key"]
+
+
 def test_api_key_kept_when_configured(authz_for) -> None:  # type: ignore[no-untyped-def]
     response = authz_for(policy(identity="{strip_api_key: false}")).check({"x-api-key": ACME_KEY})
 

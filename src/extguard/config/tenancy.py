@@ -4,7 +4,7 @@
 tenancy:
   time_zone: Europe/Berlin            # budget windows follow this zone's calendar
   identity:
-    api_key_headers: [authorization, x-api-key]
+    api_key_headers: [authorization, x-api-key, api-key]
     trusted_header: x-tenant-id       # only behind a proxy that sets it; off unless named
   store: {backend: redis, url: redis://127.0.0.1:6379/0, timeout_ms: 50, failure_mode: closed}
   tenants:
@@ -155,8 +155,9 @@ class Tenant(_Strict):
 
 
 class Identity(_Strict):
-    # Headers that may carry an API key, as "Bearer KEY" or the bare key.
-    api_key_headers: list[str] = Field(default_factory=lambda: ["authorization", "x-api-key"])
+    # Headers that may carry an API key, as "Bearer KEY" or the bare key: those of the OpenAI
+    # (authorization), Anthropic (x-api-key) and Azure OpenAI (api-key) clients.
+    api_key_headers: list[str] = Field(default_factory=lambda: ["authorization", "x-api-key", "api-key"])
     # Remove the header that carried the tenant's key before the request goes upstream, so the
     # key never reaches a provider; Envoy adds the provider's own credential. False: keep it.
     strip_api_key: bool = True
