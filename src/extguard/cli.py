@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -62,6 +63,7 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
+    from extguard.budget.redis_connect import StoreCredentialError
     from extguard.config.loader import PolicyError
     from extguard.scan.deep import DeepEngineError
     from extguard.server import ServerSettings, serve
@@ -79,7 +81,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     except PolicyError as error:
         print(error, file=sys.stderr)
         return 2
-    except (OSError, DeepEngineError, TracingUnavailable) as error:
+    except (OSError, DeepEngineError, TracingUnavailable, StoreCredentialError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0
@@ -108,11 +110,15 @@ def _run_check_config(args: argparse.Namespace) -> int:
     tenancy = policies.tenancy
     if tenancy is not None:
         store = tenancy.store
+        redis_store = store.backend.value == "redis"
         print(
             f"Tenancy: {_count(len(tenancy.tenants), 'tenant')}, store {store.backend.value}"
-            f"{' at ' + store.display_url if store.backend.value == 'redis' else ''} (failure mode {store.failure_mode}), "
+            f"{f' {store.mode.value} at ' + store.display_target if redis_store else ''} (failure mode {store.failure_mode}), "
             f"windows in {tenancy.time_zone}."
         )
+        for name in (store.username_env, store.password_env, store.sentinel_password_env):
+            if redis_store and name is not None and not os.environ.get(name):
+                print(f"note: {name} is not set here; serve will not start unless it is set to the Redis credential.")
     if policies.hash_key_is_random and policies.uses_hash_masks:
         print(
             f"note: {policies.hash_key_env} is not set here, so hash mask tokens would use a random key "

@@ -100,9 +100,10 @@ class BudgetKeeper:
 
     @classmethod
     def from_settings(cls, tenancy: Tenancy, pricing: dict[str, Price], metrics: Metrics | None = None) -> BudgetKeeper:
+        """Build the keeper and its store; raise StoreCredentialError when a named credential variable is unset or empty."""
         settings = tenancy.store
         if settings.backend is StoreBackend.REDIS:
-            store: BudgetStore = RedisBudgetStore.from_url(settings.url, timeout_s=settings.timeout_ms / 1000)
+            store: BudgetStore = RedisBudgetStore.from_settings(settings)
         else:
             store = MemoryBudgetStore()
         return cls(tenancy, pricing, store, metrics)

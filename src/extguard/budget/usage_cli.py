@@ -38,6 +38,7 @@ def run_usage(args: argparse.Namespace) -> int:
     from zoneinfo import ZoneInfo
 
     from extguard.budget.keeper import BudgetKeeper
+    from extguard.budget.redis_connect import StoreCredentialError
     from extguard.config.loader import PolicyError, load_policy
     from extguard.config.tenancy import StoreBackend
     from extguard.scan.detectors import default_detectors
@@ -72,12 +73,16 @@ def run_usage(args: argparse.Namespace) -> int:
 
     tenants = args.tenant or sorted(tenancy.tenants)
     days = [(start + timedelta(days=offset)).isoformat() for offset in range((end - start).days + 1)]
-    keeper = BudgetKeeper.from_settings(tenancy, policies.pricing)
+    try:
+        keeper = BudgetKeeper.from_settings(tenancy, policies.pricing)
+    except StoreCredentialError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     try:
         rows = asyncio.run(_rows(keeper, tenants, days))
     except Exception as error:  # noqa: BLE001 - report any store failure in one line
         reason = str(error) or f"no answer within {tenancy.store.timeout_ms:g} ms (tenancy.store.timeout_ms)"
-        print(f"error: cannot read the budget store at {tenancy.store.display_url}: {type(error).__name__}: {reason}", file=sys.stderr)
+        print(f"error: cannot read the budget store ({tenancy.store.display_target}): {type(error).__name__}: {reason}", file=sys.stderr)
         return 1
     _print(rows, args.format)
     return 0

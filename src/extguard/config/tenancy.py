@@ -194,8 +194,27 @@ class StoreBackend(enum.StrEnum):
     REDIS = "redis"
 
 
+class StoreMode(enum.StrEnum):
+    """The deployment of the Redis store: one server, a Redis Cluster, or a master that Sentinel tracks."""
+
+    STANDALONE = "standalone"
+    CLUSTER = "cluster"
+    SENTINEL = "sentinel"
+
+
+DEFAULT_SENTINEL_PORT = 26379
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Settings that only the redis backend reads, and those that only sentinel mode reads.
+_REDIS_ONLY = ("password_env", "username_env")
+_SENTINEL_ONLY = ("sentinel_master", "sentinels", "sentinel_password_env")
+
+
 class StoreSettings(_Strict):
     backend: StoreBackend = StoreBackend.MEMORY
+    # standalone uses the server in `url`, and cluster uses `url` as its first node to ask for
+    # the cluster's nodes. sentinel uses the master that the `sentinels` report for `sentinel_master`.
+    mode: StoreMode = StoreMode.STANDALONE
+    # In sentinel mode only the scheme (rediss: TLS), credentials and db number of the URL count.
     url: str = "redis://127.0.0.1:6379/0"
     timeout_ms: float = Field(50.0, gt=0)
     # closed: reject requests while the store cannot be reached; open: let them through unmetered
@@ -204,14 +223,68 @@ class StoreSettings(_Strict):
     spool_max: int = Field(10_000, ge=0)
     # A local file that keeps spooled usage across restarts and crashes; None: memory only.
     spool_file: str | None = Field(None, min_length=1)
+    # Names of environment variables with the Redis credentials (from a Kubernetes Secret, for
+    # example). A named variable replaces the username or password of `url`.
+    password_env: str | None = None
+    username_env: str | None = None
+    sentinel_master: str | None = Field(None, min_length=1)
+    sentinels: list[str] = Field(default_factory=list)  # HOST:PORT of each Sentinel; the port defaults to 26379
+    sentinel_password_env: str | None = None  # the password of the Sentinels themselves, if they require one
 
     @field_validator("url")
     @classmethod
     def _redis_scheme(cls, url: str) -> str:
-        scheme = urllib.parse.urlsplit(url).scheme
-        if scheme not in ("redis", "rediss", "unix"):
-            raise ValueError(f"store url scheme {scheme!r} is not supported: use redis://, rediss:// (TLS) or unix://")
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"store url scheme {parts.scheme!r} is not supported: use redis://, rediss:// (TLS) or unix://")
+        database = parts.path.strip("/")
+        if parts.scheme != "unix" and database and not database.isdigit():
+            raise ValueError(f"invalid database {database!r} in the store url: the path is a database number, such as /0")
         return url
+
+    @field_validator("password_env", "username_env", "sentinel_password_env")
+    @classmethod
+    def _environment_name(cls, name: str | None) -> str | None:
+        if name is not None and not _ENV_NAME.fullmatch(name):
+            raise ValueError(f"invalid environment variable name {name!r}: use letters, digits and '_', not starting with a digit")
+        return name
+
+    @field_validator("sentinels")
+    @classmethod
+    def _sentinel_addresses(cls, sentinels: list[str]) -> list[str]:
+        for address in sentinels:
+            parse_host_port(address, DEFAULT_SENTINEL_PORT)
+        return sentinels
+
+    @model_validator(mode="after")
+    def _settings_fit_mode(self) -> StoreSettings:
+        if self.backend is StoreBackend.MEMORY:
+            named = [name for name in (*_REDIS_ONLY, *_SENTINEL_ONLY) if getattr(self, name)]
+            if self.mode is not StoreMode.STANDALONE:
+                named.insert(0, "mode")
+            if named:
+                raise ValueError(f"{', '.join(named)}: only the redis backend reads these settings; set backend: redis or remove them")
+            return self
+
+        scheme = urllib.parse.urlsplit(self.url).scheme
+        if self.mode is not StoreMode.STANDALONE and scheme == "unix":
+            raise ValueError(f"mode {self.mode.value} needs a redis:// or rediss:// url, not unix://")
+        if self.mode is StoreMode.SENTINEL:
+            missing = [name for name in ("sentinel_master", "sentinels") if not getattr(self, name)]
+            if missing:
+                raise ValueError(f"mode sentinel needs {' and '.join(missing)}: the master's name and the HOST:PORT of its Sentinels")
+            return self
+
+        named = [name for name in _SENTINEL_ONLY if getattr(self, name)]
+        if named:
+            raise ValueError(f"{', '.join(named)}: only mode sentinel reads these settings, but mode is {self.mode.value}")
+        if self.mode is StoreMode.CLUSTER and url_database(self.url) != 0:
+            raise ValueError(f"Redis Cluster has only database 0, but the store url selects database {url_database(self.url)}")
+        return self
+
+    @property
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        return [parse_host_port(address, DEFAULT_SENTINEL_PORT) for address in self.sentinels]
 
     @property
     def display_url(self) -> str:
@@ -221,6 +294,38 @@ class StoreSettings(_Strict):
             return self.url
         netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
         return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+    @property
+    def display_target(self) -> str:
+        """Describe where the store is, without secrets: the mode, the URL or Sentinels, and where credentials come from."""
+        if self.mode is StoreMode.SENTINEL:
+            where = f"master {self.sentinel_master!r} through Sentinels {', '.join(self.sentinels)} ({self.display_url})"
+        elif self.mode is StoreMode.CLUSTER:
+            where = f"seed node {self.display_url}"
+        else:
+            where = self.display_url
+        sources = [("username", self.username_env), ("password", self.password_env), ("Sentinel password", self.sentinel_password_env)]
+        variables = [f"{credential} from ${name}" for credential, name in sources if name is not None]
+        return ", ".join([where, *variables])
+
+
+def parse_host_port(address: str, default_port: int) -> tuple[str, int]:
+    """Split `HOST:PORT`, `HOST` or `[IPv6]:PORT`; raise ValueError for anything else."""
+    parts = urllib.parse.urlsplit(f"//{address}")
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if not parts.hostname or port == -1 or parts.netloc != address or parts.username is not None:
+        raise ValueError(f"invalid address {address!r}: expected HOST:PORT, such as redis-sentinel:{default_port}")
+    return parts.hostname, port if port is not None else default_port
+
+
+def url_database(url: str) -> int:
+    """Return the database number of a redis:// or rediss:// URL: its path or `?db=`, 0 when it names none."""
+    parts = urllib.parse.urlsplit(url)
+    number = parts.path.strip("/") or urllib.parse.parse_qs(parts.query).get("db", ["0"])[0]
+    return int(number) if number.isdigit() else 0  # the client rejects a `?db=` that is not a number
 
 
 class Webhook(_Strict):
