@@ -1,4 +1,4 @@
-"""Shared fixtures: a real grpc.aio extguard server on an ephemeral port, and message builders."""
+"""Shared fixtures: a real grpc.aio extguard server on an ephemeral port, a real Redis Cluster, and message builders."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_gr
 from extguard.extproc.exchange import Runtime
 from extguard.server import GuardServer, ServerSettings, build_runtime
 from extguard.telemetry.metrics import Metrics
+from extguard.testing.redis_topologies import RedisClusterServers
+
 
 class ServerThread:
     """A GuardServer running on its own event loop in a background thread."""
@@ -82,6 +84,13 @@ def processor_for(tmp_path: Path) -> Iterator:
     for server, channel in started:
         channel.close()
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterServers]:
+    """A 3-master Redis Cluster on loopback, shared by every test that requests it (it takes about 2 s to form)."""
+    with RedisClusterServers(masters=3) as cluster:
+        yield cluster
 
 
 # -- ProcessingRequest builders --------------------------------------------------------------

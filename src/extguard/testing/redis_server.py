@@ -3,7 +3,8 @@
 By default it keeps nothing on disk, so a restart comes back empty. With `durable=True` it
 writes an append-only file and syncs it before each reply, so a restart (even after `kill()`)
 comes back with every write it acknowledged. It runs in a temporary folder and can be stopped and
-started again on the same port to test outages.
+started again on the same port to test outages. `arguments` are added to the command line, and
+`config_text` becomes its config file (Sentinel needs one that it can rewrite).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from extguard.testing.stack import free_port
@@ -21,7 +23,9 @@ from extguard.testing.stack import free_port
 class RedisServer:
     """Start with `start()`, stop with `stop()`; `url` stays the same across restarts."""
 
-    def __init__(self, port: int | None = None, *, durable: bool = False) -> None:
+    def __init__(
+        self, port: int | None = None, *, durable: bool = False, arguments: Sequence[str] = (), config_text: str | None = None
+    ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed; scripts/bootstrap.sh installs it with apt-get")
@@ -29,14 +33,19 @@ class RedisServer:
         self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.durable = durable
+        self.arguments = list(arguments)
         self._work_dir = Path(tempfile.mkdtemp(prefix="extguard-redis-"))
+        self._config_file: list[str] = []
+        if config_text is not None:
+            (self._work_dir / "redis.conf").write_text(config_text, encoding="utf-8")
+            self._config_file = [str(self._work_dir / "redis.conf")]
         self._process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout_s: float = 10.0) -> None:
         persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.durable else ["--appendonly", "no"]
         command = [
-            self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *persistence,
-            "--dir", str(self._work_dir), "--protected-mode", "yes",
+            self.binary, *self._config_file, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *persistence,
+            "--dir", str(self._work_dir), "--protected-mode", "yes", *self.arguments,
         ]  # fmt: skip
         log = open(self._work_dir / "redis.log", "ab")  # noqa: SIM115 - the child process keeps it
         self._process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
@@ -47,7 +56,8 @@ class RedisServer:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as connection:
                     connection.sendall(b"PING\r\n")
-                    if connection.recv(16).startswith(b"+PONG"):
+                    # A server with a password rejects the PING, but it is up.
+                    if connection.recv(16).startswith((b"+PONG", b"-NOAUTH")):
                         return
             except OSError:
                 time.sleep(0.05)
