@@ -1,21 +1,25 @@
-"""The budget store contract, run against the in-memory store and a real redis-server."""
+"""The budget store contract, run against the in-memory store, a real redis-server and a real Redis Cluster."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 import redis.asyncio as redis
+from redis.asyncio.cluster import RedisCluster
 
 from extguard.budget.memory import MemoryBudgetStore
+from extguard.budget.redis_connect import RedisClient
 from extguard.budget.redis_store import RedisBudgetStore
 from extguard.budget.store import BudgetStore, Counter
 from extguard.testing.redis_server import RedisServer
 
 NOW = 1_800_000_000_000  # ms
 LATER = NOW + 60_000
+# Tenants whose hash tags fall in the slots of the first, second and third node of a 3-master cluster.
+TENANTS_ON_THREE_NODES = ("hooli", "umbrella", "acme")
 
 
 @pytest.fixture(scope="module")
@@ -24,13 +28,25 @@ def redis_server() -> Iterator[RedisServer]:
         yield server
 
 
-@pytest.fixture(params=["memory", "redis"])
-async def store(request: pytest.FixtureRequest, redis_server: RedisServer) -> AsyncIterator[BudgetStore]:
-    if request.param == "memory":
+@pytest.fixture(params=["memory", "redis", "cluster"])
+def new_client(request: pytest.FixtureRequest) -> Callable[[], RedisClient] | None:
+    """Return a factory of clients of the Redis under test, or None for the memory store."""
+    if request.param == "redis":
+        url = request.getfixturevalue("redis_server").url
+        return lambda: redis.Redis.from_url(url)
+    if request.param == "cluster":
+        url = request.getfixturevalue("redis_cluster").url
+        return lambda: RedisCluster.from_url(url)
+    return None
+
+
+@pytest.fixture
+async def store(new_client: Callable[[], RedisClient] | None) -> AsyncIterator[BudgetStore]:
+    if new_client is None:
         built: BudgetStore = MemoryBudgetStore()
     else:
-        client = redis.Redis.from_url(redis_server.url)
-        await client.flushdb()
+        client = new_client()
+        await client.flushdb()  # on a cluster: on every primary
         built = RedisBudgetStore(client)
     yield built
     await built.close()
@@ -153,28 +169,54 @@ async def test_negative_or_unknown_amounts_rejected(store: BudgetStore) -> None:
         await store.commit("r1", [day()], {"tokens": 1}, tenant="acme")
 
 
-async def test_concurrent_reserves_never_overspend(store: BudgetStore, redis_server: RedisServer) -> None:
-    """200 concurrent requests of 10 tokens against 100: exactly 10 are admitted."""
-    if isinstance(store, RedisBudgetStore):
+async def test_concurrent_reserves_never_overspend(store: BudgetStore, new_client: Callable[[], RedisClient] | None) -> None:
+    """200 concurrent requests of 10 tokens against 100, per tenant: exactly 10 per tenant are admitted."""
+    if new_client is not None:
         # Several connections, as several extguard replicas would have.
-        clients = [redis.Redis.from_url(redis_server.url) for _ in range(8)]
-        stores: list[BudgetStore] = [RedisBudgetStore(client) for client in clients]
+        stores: list[BudgetStore] = [RedisBudgetStore(new_client()) for _ in range(8)]
     else:
         stores = [store]
 
-    async def attempt(index: int) -> bool:
+    async def attempt(index: int, tenant: str) -> bool:
         chosen = stores[index % len(stores)]
-        result = await chosen.reserve(f"r{index}", [day()], {"total_tokens": 10}, now_ms=NOW, expires_at_ms=LATER)
+        result = await chosen.reserve(f"r{index}", [day(tenant=tenant)], {"total_tokens": 10}, now_ms=NOW, expires_at_ms=LATER)
         return result.admitted
 
-    outcomes = await asyncio.gather(*(attempt(index) for index in range(200)))
-    (state,) = await store.status([day()], now_ms=NOW)
-    if isinstance(store, RedisBudgetStore):
+    attempts = [(index, tenant) for index in range(200) for tenant in TENANTS_ON_THREE_NODES]
+    outcomes = await asyncio.gather(*(attempt(index, tenant) for index, tenant in attempts))
+    states = await store.status([day(tenant=tenant) for tenant in TENANTS_ON_THREE_NODES], now_ms=NOW)
+    if new_client is not None:
         for extra in stores:
             await extra.close()
 
-    assert sum(outcomes) == 10
-    assert state.reserved["total_tokens"] == 100
+    for tenant in TENANTS_ON_THREE_NODES:
+        admitted = [admitted for (_, name), admitted in zip(attempts, outcomes, strict=True) if name == tenant]
+        assert sum(admitted) == 10, tenant
+    assert [state.reserved["total_tokens"] for state in states] == [100, 100, 100]
+
+
+async def test_every_operation_for_tenants_on_three_nodes(store: BudgetStore) -> None:
+    """Each tenant's calls touch one slot, so they work wherever the tenant's slot lives."""
+    from extguard.budget.store import LedgerEntry
+
+    for tenant in TENANTS_ON_THREE_NODES:
+        counters = [day(tenant=tenant), day(limit=None, scope="user:u1", tenant=tenant)]
+        reserved = await store.reserve(f"{tenant}-r1", counters, {"total_tokens": 30}, now_ms=NOW, expires_at_ms=LATER)
+        committed = await store.commit(
+            f"{tenant}-r1", counters, {"total_tokens": 20}, tenant=tenant, ledger=LedgerEntry("2026-12-04", "gpt-4o")
+        )
+        tenant_day, user_day = await store.status(counters, now_ms=NOW)
+        ledger = await store.usage(tenant, ["2026-12-04"])
+        first_mark = await store.mark_once(tenant, "soft:tenant:day:2026-12-04:total_tokens", 60)
+        await store.reset(counters[0])
+        (after_reset,) = await store.status(counters[:1], now_ms=NOW)
+
+        assert reserved.admitted, tenant
+        assert committed, tenant
+        assert (tenant_day.used["total_tokens"], user_day.used["total_tokens"]) == (20, 20), tenant
+        assert ledger["2026-12-04"]["gpt-4o"]["requests"] == 1, tenant
+        assert first_mark, tenant
+        assert after_reset.used["total_tokens"] == 0, tenant
 
 
 async def test_redis_reloads_flushed_scripts(redis_server: RedisServer) -> None:
