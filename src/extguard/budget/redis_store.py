@@ -211,6 +211,7 @@ class RedisBudgetStore:
         self._shas: dict[str, str] = {}
         self._master_check_interval_s = master_check_interval_s
         self._master_watch: asyncio.Task[None] | None = None
+        self._closing = False
 
     @classmethod
     def from_settings(
@@ -315,7 +316,10 @@ class RedisBudgetStore:
         return bool(await self._client.set(f"eg:{{{tenant}}}:once:{name}", "1", nx=True, ex=max(ttl_s, 1)))
 
     async def close(self) -> None:
+        self._closing = True
         if self._master_watch is not None:
+            # redis-py 8.2 swallowed a cancellation that arrived as a Sentinel request completed,
+            # so the loop also stops on `_closing`, at the latest one interval later.
             self._master_watch.cancel()
             await asyncio.gather(self._master_watch, return_exceptions=True)
         await self._client.aclose()
@@ -324,7 +328,7 @@ class RedisBudgetStore:
 
     def _watch_master(self) -> None:
         """Start following the Sentinels' master in the background, once, in sentinel mode."""
-        if self._sentinel is not None and self._master_watch is None:
+        if self._sentinel is not None and self._master_watch is None and not self._closing:
             self._master_watch = asyncio.get_running_loop().create_task(self._follow_master())
 
     async def _follow_master(self) -> None:
@@ -337,10 +341,10 @@ class RedisBudgetStore:
         pool = self._client.connection_pool
         assert isinstance(pool, SentinelConnectionPool)
         failing = False
-        while True:
+        while not self._closing:
             try:
-                await asyncio.wait_for(pool.get_master_address(), self._master_check_interval_s * 5)
-            except (RedisError, OSError, TimeoutError) as error:
+                await pool.get_master_address()  # bounded by the Sentinel connections' socket timeouts
+            except (RedisError, OSError) as error:
                 if not failing:
                     log.warning(
                         "request to the Sentinels for the budget store's master failed (%s), retrying every %.1f s",
