@@ -86,6 +86,20 @@ async def test_reserve_up_to_limit_exactly(store: BudgetStore) -> None:
     assert second.admitted
 
 
+async def test_repeated_reserve_counts_once(store: BudgetStore) -> None:
+    """A client that resends a reserve after losing the reply must not reserve twice."""
+    first = await store.reserve("r1", [day()], {"total_tokens": 60}, now_ms=NOW, expires_at_ms=LATER)
+    repeated = await store.reserve("r1", [day()], {"total_tokens": 60}, now_ms=NOW, expires_at_ms=LATER)
+    await store.commit("r1", [day()], {"total_tokens": 10}, tenant="acme")
+
+    (state,) = await store.status([day()], now_ms=NOW)
+    assert first.admitted
+    assert repeated.admitted
+    assert repeated.states[0].reserved["total_tokens"] == 60
+    assert state.reserved["total_tokens"] == 0
+    assert state.used["total_tokens"] == 10
+
+
 async def test_commit_replaces_reservation_with_actual(store: BudgetStore) -> None:
     await store.reserve("r1", [day()], {"total_tokens": 60, "cost_nanousd": 900}, now_ms=NOW, expires_at_ms=LATER)
     committed = await store.commit("r1", [day()], {"total_tokens": 25, "input_tokens": 20, "output_tokens": 5}, tenant="acme")

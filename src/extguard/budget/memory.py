@@ -57,6 +57,9 @@ class MemoryBudgetStore:
         data = [self._data(counter) for counter in counters]
         for item in data:
             _sweep(item, now_ms)
+        if any(reservation_id in item.open for item in data):
+            # Admitted before: a repeated call reserves nothing more, as in the Redis store.
+            return ReserveResult(None, [_state(counter, item) for counter, item in zip(counters, data, strict=True)])
 
         for counter, item in zip(counters, data, strict=True):
             for metric in METRICS:

@@ -94,12 +94,21 @@ for k = 1, counters do
   sweep(KEYS[2 * k - 1], KEYS[2 * k])
 end
 
+-- A reservation id that is already open was admitted before: the client repeated the call after
+-- losing the reply. It is admitted again without reserving twice.
+local repeated = false
+for k = 1, counters do
+  if redis.call('HEXISTS', KEYS[2 * k - 1], 'r:' .. id) == 1 then
+    repeated = true
+  end
+end
+
 for k = 1, counters do
   local c = KEYS[2 * k - 1]
   local offset = base + (k - 1) * per_counter
   for i = 1, m do
     local limit = tonumber(ARGV[offset + 1 + i])
-    if limit >= 0 then
+    if limit >= 0 and not repeated then
       local used = tonumber(redis.call('HGET', c, 'used:' .. metrics[i]) or '0')
       local reserved = tonumber(redis.call('HGET', c, 'rsv:' .. metrics[i]) or '0')
       if used + reserved + tonumber(amounts[i]) > limit then
@@ -124,7 +133,7 @@ for k = 1, counters do
       limited = true
     end
   end
-  if limited then
+  if limited and not repeated then
     for i = 1, m do
       redis.call('HINCRBY', c, 'rsv:' .. metrics[i], amounts[i])
     end

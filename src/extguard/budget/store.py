@@ -6,7 +6,9 @@ It holds, per metric, the usage committed so far and the sum of the reservations
 - `reserve` checks every counter's hard limits against used + reserved + the estimate, and
   either rejects it (nothing changes) or adds the estimate to every counter's reserved amount, in
   one atomic step. Reservations expire at `expires_at_ms`; an expired one stops counting the
-  next time a reserve touches its counter.
+  next time a reserve touches its counter. A repeated reserve of a reservation id that is still
+  open is admitted without reserving again, because clients resend a call whose reply was lost
+  (redis-py 8.2's cluster client retries a command after a timeout or connection error).
 - `commit` replaces a reservation by the actual usage in the counters it was made against. It
   is idempotent per reservation id, so a replay from the spool never counts twice, and it also
   works after the reservation expired.
