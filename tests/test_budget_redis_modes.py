@@ -125,6 +125,19 @@ async def test_password_from_environment(password_server: RedisServer) -> None:
     assert result.admitted
 
 
+async def test_acl_user_from_environment() -> None:
+    """An ACL user: username_env and password_env replace the URL's user and password."""
+    acl = ["--user", "budgets", "on", f">{SECRET}", "~eg:*", "+@all", "--user", "default", "off"]
+    with RedisServer(arguments=acl) as server:
+        url = server.url.replace("redis://", "redis://someone:else@")
+        settings = redis_settings(url=url, username_env="EG_REDIS_USER", password_env="EG_REDIS_PASSWORD")
+        store = RedisBudgetStore.from_settings(settings, {"EG_REDIS_USER": "budgets", "EG_REDIS_PASSWORD": SECRET})
+        result = await store.reserve("r1", [day()], {"total_tokens": 10}, now_ms=NOW, expires_at_ms=LATER)
+        await store.close()
+
+    assert result.admitted
+
+
 @pytest.mark.parametrize(("environ", "state"), [({}, "not set"), ({"EG_REDIS_PASSWORD": ""}, "empty")])
 def test_password_variable_missing(environ: dict[str, str], state: str) -> None:
     settings = redis_settings(password_env="EG_REDIS_PASSWORD")
