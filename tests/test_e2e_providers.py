@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import ssl
 import subprocess
 import urllib.request
 from collections.abc import Iterator
@@ -22,7 +21,7 @@ import certifi
 import openai
 import pytest
 
-from extguard.testing.stack import ENVOY_DIR, EXAMPLE_POLICY, Stack
+from extguard.testing.stack import ENVOY_DIR, EXAMPLE_POLICY, LOOPBACK_OPENER, Stack
 
 pytestmark = pytest.mark.e2e
 
@@ -37,17 +36,7 @@ PROVIDER_KEYS = {
 CLIENT_KEY = "tenant-key-of-the-client"
 
 
-def _loopback_tls_context() -> ssl.SSLContext:
-    """Return a client context for reading a TLS mock's record on 127.0.0.1, unverified."""
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    return context
-
-
-_DIRECT = urllib.request.build_opener(
-    urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=_loopback_tls_context())
-)
+_DIRECT = LOOPBACK_OPENER  # test certificates: reading a TLS mock's record skips verification
 
 
 def providers_stack(

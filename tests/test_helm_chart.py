@@ -27,7 +27,6 @@ import yaml
 
 from crd_schemas import CRD_DIR, crd_errors
 from extguard.config.loader import load_policy
-from extguard.config.tenancy import StoreSettings, Tenancy
 from extguard.scan.detectors import default_detectors
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -358,22 +357,6 @@ def test_existing_policy_config_map(chart: helm.Chart) -> None:
 
 # The rendered policy and extguard's own validation
 
-# Policy fields that a parallel change adds to extguard. Until the loader in this checkout has
-# them, the full values' policy is checked without them.
-PENDING_STORE_FIELDS = {"mode", "sentinel_master", "sentinels", "password_env", "username_env"}
-PENDING_TENANCY_FIELDS = {"api_keys_file"}
-
-
-def without_pending_fields(policy: dict[str, Any]) -> dict[str, Any]:
-    policy = copy.deepcopy(policy)
-    tenancy = policy.get("tenancy", {})
-    for name in PENDING_TENANCY_FIELDS - set(Tenancy.model_fields):
-        tenancy.pop(name, None)
-    for name in PENDING_STORE_FIELDS - set(StoreSettings.model_fields):
-        tenancy.get("store", {}).pop(name, None)
-    return policy
-
-
 def test_default_policy_passes_check_config(chart: helm.Chart, tmp_path: Path) -> None:
     path = tmp_path / "policy.yaml"
     path.write_text(yaml.safe_dump(rendered_policy(render(chart, {}))), encoding="utf-8")
@@ -385,13 +368,11 @@ def test_default_policy_passes_check_config(chart: helm.Chart, tmp_path: Path) -
 
 
 def test_full_policy_passes_check_config(chart: helm.Chart, tmp_path: Path) -> None:
-    policy = without_pending_fields(rendered_policy(render(chart, full_values())))
-    api_keys_file = policy.get("tenancy", {}).get("api_keys_file")
-    if api_keys_file is not None:
-        # The loader reads the hashes file; give it one in place of the mounted Secret.
-        local_keys = tmp_path / "api-keys.yaml"
-        local_keys.write_text(yaml.safe_dump({"acme": [{"sha256": "0" * 64, "user": "ci-bot"}]}), encoding="utf-8")
-        policy["tenancy"]["api_keys_file"] = str(local_keys)
+    policy = rendered_policy(render(chart, full_values()))
+    # The loader reads the hashes file: give it one in place of the mounted Secret.
+    local_keys = tmp_path / "api-keys.yaml"
+    local_keys.write_text(yaml.safe_dump({"acme": [{"sha256": "0" * 64, "user": "ci-bot"}]}), encoding="utf-8")
+    policy["tenancy"]["api_keys_file"] = str(local_keys)
     path = tmp_path / "policy.yaml"
     path.write_text(yaml.safe_dump(policy), encoding="utf-8")
 
@@ -400,6 +381,8 @@ def test_full_policy_passes_check_config(chart: helm.Chart, tmp_path: Path) -> N
     assert policies.tenancy is not None
     assert policies.tenancy.store.backend.value == "redis"
     assert policies.tenancy.store.url == full_values()["redis"]["url"]
+    assert policies.tenancy.store.mode.value == "cluster"
+    assert [key.user for key in policies.tenancy.tenants["acme"].api_keys][-1] == "ci-bot"
     assert policies.tenancy.store.spool_max == full_values()["redis"]["spoolMax"]
 
 
@@ -424,7 +407,10 @@ def test_policy_names_mounted_files_and_env(chart: helm.Chart) -> None:
 
 def test_sentinel_mode_writes_sentinels(chart: helm.Chart) -> None:
     values = full_values()
-    values = {**values, "redis": {**values["redis"], "mode": "sentinel", "sentinelMaster": "guard", "sentinels": ["s1:26379", "s2:26379"]}}
+    auth = {**values["redis"]["auth"], "sentinelPasswordKey": "sentinel-password"}
+    values = {**values, "redis": {
+        **values["redis"], "mode": "sentinel", "sentinelMaster": "guard", "sentinels": ["s1:26379", "s2:26379"], "auth": auth,
+    }}  # fmt: skip
     objects = render(chart, values)
     store = rendered_policy(objects)["tenancy"]["store"]
     redis_rule = one(objects, "NetworkPolicy")["spec"]["egress"][1]
@@ -433,6 +419,8 @@ def test_sentinel_mode_writes_sentinels(chart: helm.Chart) -> None:
     assert store["sentinel_master"] == "guard"
     assert store["sentinels"] == ["s1:26379", "s2:26379"]
     assert {port["port"] for port in redis_rule["ports"]} == {6379, 26379}
+    secret = env_of(objects)[store["sentinel_password_env"]]["valueFrom"]["secretKeyRef"]
+    assert secret == {"name": "extguard-redis", "key": "sentinel-password"}
 
 
 @pytest.mark.parametrize(

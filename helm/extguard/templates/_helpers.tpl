@@ -72,6 +72,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{/* Names of the environment variables that carry the Redis credentials. */}}
 {{- define "extguard.redisPasswordEnv" -}}EXTGUARD_REDIS_PASSWORD{{- end }}
 {{- define "extguard.redisUsernameEnv" -}}EXTGUARD_REDIS_USERNAME{{- end }}
+{{- define "extguard.sentinelPasswordEnv" -}}EXTGUARD_REDIS_SENTINEL_PASSWORD{{- end }}
 
 {{/*
 The environment variable of the hash mask key: the policy's hash_key_env, else extguard's
@@ -122,6 +123,9 @@ chart's files/policy.yaml is used as it is, comments included.
 {{- $_ := set $store "password_env" (include "extguard.redisPasswordEnv" .) }}
 {{- if .Values.redis.auth.usernameKey }}
 {{- $_ := set $store "username_env" (include "extguard.redisUsernameEnv" .) }}
+{{- end }}
+{{- if and (eq .Values.redis.mode "sentinel") .Values.redis.auth.sentinelPasswordKey }}
+{{- $_ := set $store "sentinel_password_env" (include "extguard.sentinelPasswordEnv" .) }}
 {{- end }}
 {{- end }}
 {{- if .Values.spool.enabled }}
@@ -183,6 +187,13 @@ The container's environment: secrets as secretKeyRef variables, the OTEL_* setti
     secretKeyRef:
       name: {{ .Values.redis.auth.existingSecret }}
       key: {{ .Values.redis.auth.usernameKey }}
+{{- end }}
+{{- if and (eq .Values.redis.mode "sentinel") .Values.redis.auth.sentinelPasswordKey }}
+- name: {{ include "extguard.sentinelPasswordEnv" . }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.redis.auth.existingSecret }}
+      key: {{ .Values.redis.auth.sentinelPasswordKey }}
 {{- end }}
 {{- end }}
 {{- if .Values.tracing.enabled }}

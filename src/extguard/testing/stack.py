@@ -39,10 +39,10 @@ def _unverified_tls_context() -> ssl.SSLContext:
     return context
 
 
-# Readiness probes go to loopback only, never through a proxy named in the environment. A mock
+# Readiness probes and tests go to loopback only, never through a proxy named in the environment. A mock
 # upstream started with --tls-cert has a test certificate, so the probe skips verification.
 # Envoy verifies that certificate as the test configures it.
-_DIRECT = urllib.request.build_opener(
+LOOPBACK_OPENER = urllib.request.build_opener(
     urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=_unverified_tls_context())
 )
 
@@ -159,7 +159,7 @@ class Stack:
     def metric(self, name: str, **labels: str) -> float:
         """Return one sample of extguard's /metrics, or 0 when it is absent."""
         wanted = ",".join(f'{key}="{value}"' for key, value in sorted(labels.items()))
-        with _DIRECT.open(self.metrics_url, timeout=5) as response:
+        with LOOPBACK_OPENER.open(self.metrics_url, timeout=5) as response:
             for line in response.read().decode().splitlines():
                 if line.startswith(f"{name}{{{wanted}}} ") or (not labels and line.startswith(f"{name} ")):
                     return float(line.rsplit(" ", 1)[1])
@@ -277,7 +277,7 @@ class Stack:
         while time.monotonic() < deadline:
             self._check_alive(name)
             with contextlib.suppress(OSError, urllib.error.URLError):
-                with _DIRECT.open(url, timeout=1) as response:
+                with LOOPBACK_OPENER.open(url, timeout=1) as response:
                     if response.status == 200:
                         return
             time.sleep(0.05)
