@@ -299,7 +299,7 @@ def test_api_keys_file_adds_keys_to_tenants(tmp_path) -> None:  # type: ignore[n
     assert tenants["globex"].api_keys == []
 
 
-def test_api_keys_file_errors_are_reported_with_the_policy_errors(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_api_keys_file_errors_listed_together(tmp_path) -> None:  # type: ignore[no-untyped-def]
     keys = tmp_path / "keys.yaml"
     keys.write_text(f"acme: [{{sha256: not-hex}}]\nnobody: [{{sha256: {'c' * 64}}}]\nglobex: [{{sha256: {'A' * 64}}}]\n", encoding="utf-8")
     text = f"tenancy:\n  api_keys_file: {keys}\n  tenants:\n    acme:\n      api_keys: [{{sha256: {'a' * 64}}}]\n    globex: {{}}\n"

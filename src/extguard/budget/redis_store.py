@@ -24,7 +24,6 @@ from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.exceptions import NoScriptError, RedisError
 
 from extguard.budget.redis_connect import RedisClient, connect
-
 from extguard.budget.store import (
     COMMIT_MARKER_TTL_S,
     LEDGER_METRICS,

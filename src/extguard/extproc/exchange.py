@@ -504,7 +504,7 @@ class Exchange:
             message = "extguard could not decode the upstream response stream, so it was stopped."
             return messages.common_reply("response_body", body=rewriter.api.stream_error_event(502, message, ERROR_CODE_BAD_INPUT))
         if self.rewriter is None:
-            # The first event tells the stream's format: behind a translating gateway it can be
+            # The first event shows the stream's format, which behind a translating gateway can be
             # the provider's native one. Until it is complete, nothing goes downstream.
             self.stream_head += chunk
             api = response_api_for_stream(bytes(self.stream_head), self._api())

@@ -110,7 +110,7 @@ def response_api_for_document(document: Any, request_api: Api) -> Api:
 def response_api_for_stream(head: bytes, request_api: Api) -> Api | None:
     """Return the API whose SSE format the stream starting with `head` has, by its first event.
 
-    None means undecided: `head` holds no complete event yet (comments do not count) and is
+    None means undecided: `head` contains no complete event yet (comments do not count) and is
     shorter than STREAM_SNIFF_BYTES. An invalid or unrecognized first event is read as
     `request_api`, whose rewriter then handles it as bad input.
     """

@@ -160,7 +160,7 @@ class MockScript:
             reads what was sent and closes the stream, so the billed usage is exactly known.
         content_type: content type sent in place of ``application/json`` or
             ``text/event-stream``.
-        native: on ``/v1/chat/completions``, answer in a provider's native format instead of
+        native: on ``/v1/chat/completions``, reply in a provider's native format instead of
             OpenAI's, as a provider behind a translating gateway (Envoy AI Gateway) does:
             ``anthropic`` (Messages, JSON or SSE), ``gemini`` (``generateContent`` JSON, or
             ``streamGenerateContent`` SSE) or ``bedrock`` (Converse JSON; not streamed).
@@ -680,7 +680,7 @@ async def _handle_chat_completions(request: web.Request) -> web.StreamResponse:
 async def _native_reply(
     request: web.Request, completion: Completion, script: MockScript, stream: bool
 ) -> web.StreamResponse:
-    """Answer an OpenAI-format request in the provider's native format that the script names."""
+    """Reply to an OpenAI-format request in the provider's native format that the script names."""
     if stream and script.native == "bedrock":
         message = "mock.native bedrock is not streamed: Bedrock streams are binary event streams"
         return _json_response(openai_error(message, 400), MockScript(), status=400)
