@@ -2,16 +2,18 @@
 
 AI Gateway translates the provider's response into OpenAI's format only after extguard's filter
 has read it, so an OpenAI-format request can get an Anthropic Messages, Gemini or Bedrock
-Converse response here. The mock upstream answers in those formats when `mock.native` says so.
+Converse response here. The mock upstream replies in those formats when a request sets `mock.native`.
 These tests read the raw bodies, since the OpenAI SDK would not parse them (the gateway would).
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import urllib.error
 import urllib.request
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -204,13 +206,84 @@ def test_gzip_native_stream_decoded_and_masked(stack) -> None:  # type: ignore[n
     assert stream_text("gemini", raw) == "mail <EMAIL_ADDRESS>"
 
 
-def test_bedrock_event_stream_refused_in_clients_format(stack) -> None:  # type: ignore[no-untyped-def]
-    # Bedrock's binary event stream carries generated text that extguard cannot decode.
-    status, _, raw = chat(stack, {"native": "bedrock", "reply": "sam@example.net", "content_type": "application/vnd.amazon.eventstream"})
+def event_stream_messages(raw: bytes) -> list[tuple[dict[str, str], dict]]:
+    """Return (string headers, parsed payload) of every AWS event stream message, checking CRCs.
 
-    assert status == 502
-    error = json.loads(raw)["error"]
-    assert error["code"] == "extguard_invalid_body"
-    assert "application/vnd.amazon.eventstream" in error["message"]
-    assert stack.metric("extguard_bad_input_total", action="reject", kind="unsupported_content_type") >= 1
+    Written apart from extguard's codec, so the two check each other.
+    """
+    messages = []
+    while raw:
+        total, headers_length = int.from_bytes(raw[:4], "big"), int.from_bytes(raw[4:8], "big")
+        message, raw = raw[:total], raw[total:]
+        assert zlib.crc32(message[:8]) == int.from_bytes(message[8:12], "big")
+        assert zlib.crc32(message[:-4]) == int.from_bytes(message[-4:], "big")
+        block, headers = message[12 : 12 + headers_length], {}
+        while block:
+            name_length = block[0]
+            name = block[1 : 1 + name_length].decode()
+            value_length = int.from_bytes(block[2 + name_length : 4 + name_length], "big")
+            headers[name] = block[4 + name_length : 4 + name_length + value_length].decode()
+            block = block[4 + name_length + value_length :]
+        messages.append((headers, json.loads(message[12 + headers_length : -4])))
+    return messages
+
+
+def bedrock_stream_text(native: str, raw: bytes) -> str:
+    texts = []
+    for headers, payload in event_stream_messages(raw):
+        if native == "bedrock" and headers[":event-type"] == "contentBlockDelta":
+            texts.append(payload["delta"].get("text", ""))
+        if native == "bedrock_anthropic" and headers[":event-type"] == "chunk":
+            event = json.loads(base64.b64decode(payload["bytes"]))
+            if event["type"] == "content_block_delta":
+                texts.append(event["delta"].get("text", ""))
+    return "".join(texts)
+
+
+@pytest.mark.parametrize("native", ["bedrock", "bedrock_anthropic"])
+def test_bedrock_event_stream_masked_and_metered(stack, native) -> None:  # type: ignore[no-untyped-def]
+    before, billed_before = committed(stack), billed(stack)
+
+    status, headers, raw = chat(stack, {"native": native, "reply": "write to sam@example.net today", "chunk_chars": 3}, stream=True)
+
+    assert status == 200
+    assert headers["content-type"] == "application/vnd.amazon.eventstream"
+    assert bedrock_stream_text(native, raw) == "write to <EMAIL_ADDRESS> today"
     assert b"sam@" not in raw
+    committed_delta, billed_delta = settled(stack, before, billed_before)
+    assert billed_delta["output"] > 0
+    assert committed_delta == billed_delta
+
+
+def test_bedrock_stream_tool_input_masked(stack) -> None:  # type: ignore[no-untyped-def]
+    tool_call = {"name": "send_mail", "arguments": json.dumps({"to": "sam@example.net"})}
+
+    status, _, raw = chat(stack, {"native": "bedrock", "tool_call": tool_call, "chunk_chars": 4}, stream=True)
+
+    deltas = [payload["delta"]["toolUse"]["input"] for headers, payload in event_stream_messages(raw)
+              if headers[":event-type"] == "contentBlockDelta"]  # fmt: skip
+    assert status == 200
+    assert json.loads("".join(deltas)) == {"to": "<EMAIL_ADDRESS>"}
+
+
+@pytest.mark.parametrize("native", ["bedrock", "bedrock_anthropic"])
+def test_bedrock_stream_secret_ends_with_exception(stack, native) -> None:  # type: ignore[no-untyped-def]
+    status, _, raw = chat(stack, {"native": native, "reply": "the key is AKIAIOSFODNN7EXAMPLE, keep it", "chunk_chars": 5}, stream=True)
+
+    headers, payload = event_stream_messages(raw)[-1]
+    assert status == 200
+    assert headers[":message-type"] == "exception"
+    assert headers[":exception-type"] == "internalServerException"
+    assert "AWS_ACCESS_KEY_ID" in payload["message"]
+    assert b"AKIA" not in raw
+
+
+def test_broken_event_stream_refused_in_stream(stack) -> None:  # type: ignore[no-untyped-def]
+    # A body that claims to be an event stream but is not one: extguard cannot read it.
+    status, _, raw = chat(stack, {"native": "gemini", "reply": "sam@example.net", "content_type": "application/vnd.amazon.eventstream"}, stream=True)
+
+    headers, payload = event_stream_messages(raw)[-1]
+    assert status == 200
+    assert headers[":message-type"] == "exception"
+    assert b"sam@" not in raw
+    assert stack.metric("extguard_bad_input_total", action="reject", kind="malformed_frame") >= 1

@@ -13,6 +13,7 @@ from extguard.llm.apis import (
     response_api_for_document,
     response_api_for_stream,
 )
+from extguard.llm.eventstream import EventStreamDecoder, EventStreamError, encode_message, encode_raw
 from extguard.llm.payloads import anthropic_request_slots, anthropic_response_slots, openai_request_slots
 from extguard.llm.sse import SseDecodeError, SseDecoder, encode_event
 from extguard.llm.usage import ReportedUsage, usage_from_document
@@ -202,3 +203,43 @@ def test_bedrock_converse_usage_adds_cache_tokens_to_input() -> None:
 
     assert (reported.input_tokens, reported.cached_input_tokens, reported.output_tokens) == (65, 50, 9)
     assert reported.finish_reasons == ["end_turn"]
+
+
+# -- AWS event stream framing -----------------------------------------------------------------
+
+
+def test_event_stream_messages_survive_any_split() -> None:
+    first = encode_message({":event-type": "contentBlockDelta", ":message-type": "event"}, b'{"a":1}')
+    second = encode_message({":event-type": "metadata"}, b"{}")
+    stream = first + second
+
+    for cut in range(len(stream) + 1):
+        decoder = EventStreamDecoder()
+        messages = decoder.feed(stream[:cut]) + decoder.feed(stream[cut:])
+        assert [(message.event_type, message.payload) for message in messages] == [("contentBlockDelta", b'{"a":1}'), ("metadata", b"{}")]
+
+
+def test_event_stream_rewrite_keeps_headers() -> None:
+    (message,) = EventStreamDecoder().feed(encode_message({":event-type": "chunk", ":content-type": "application/json"}, b"{}"))
+
+    (rewritten,) = EventStreamDecoder().feed(message.with_payload(b'{"bytes":""}'))
+
+    assert rewritten.raw_headers == message.raw_headers
+    assert rewritten.payload == b'{"bytes":""}'
+
+
+def test_event_stream_skips_non_string_headers() -> None:
+    # A bool (type 0) and an int32 (type 4) header before a string header.
+    headers = b"\x04flag\x00" + b"\x05count\x04\x00\x00\x00\x07" + b"\x0b:event-type\x07\x00\x05chunk"
+    (message,) = EventStreamDecoder().feed(encode_raw(headers, b"{}"))
+
+    assert message.headers == {":event-type": "chunk"}
+
+
+@pytest.mark.parametrize("position", [9, -2])
+def test_event_stream_corruption_detected(position: int) -> None:
+    data = bytearray(encode_message({":event-type": "chunk"}, b"{}"))
+    data[position] ^= 0xFF
+
+    with pytest.raises(EventStreamError):
+        EventStreamDecoder().feed(bytes(data))

@@ -37,6 +37,7 @@ from extguard.llm.apis import (
     OPENAI_CHAT,
     Api,
     ApiKind,
+    BEDROCK_CONVERSE,
     api_for_path,
     response_api_for_document,
     response_api_for_stream,
@@ -65,9 +66,8 @@ log = logging.getLogger("extguard.extproc")
 # Content codings extguard can decode for scanning. Others are removed from `accept-encoding`
 # on the way upstream, so a provider never responds in a coding extguard cannot read.
 DECODABLE_ENCODINGS = ("gzip", "x-gzip", "deflate")
-# Streams of generated text in a framing extguard does not decode: Bedrock's binary event
-# stream (ConverseStream, InvokeModelWithResponseStream). Refused or passed per on_bad_input.
-UNREADABLE_STREAM_TYPES = frozenset({"application/vnd.amazon.eventstream"})
+# Bedrock's binary framing of ConverseStream and InvokeModelWithResponseStream responses.
+EVENT_STREAM_TYPE = "application/vnd.amazon.eventstream"
 # Bodies from this size on are scanned in a worker thread: a 64 KiB prompt of log lines takes
 # about 20 ms to scan, a typical chat request well under 1 ms (benchmarks/scan_bench.py).
 THREAD_SCAN_MIN_BYTES = 64 * 1024
@@ -130,7 +130,7 @@ class Exchange:
         self.response_body_mode = messages.BUFFERED
         self.request_content_encoding = ""
         self.response_content_encoding = ""
-        self.response_kind = ""  # "sse", "json" or "" (not inspected)
+        self.response_kind = ""  # "sse", "eventstream" (Bedrock), "json" or "" (not inspected)
         self.rewriter: StreamRewriter | None = None  # made once the stream's first event shows its format
         self.stream_head = bytearray()  # the start of a stream, held until its format is known
         self.decompressor: Any = None
@@ -177,8 +177,10 @@ class Exchange:
         if mode is FailureMode.OPEN:
             return messages.continue_reply(kind)
         message = "extguard could not inspect this request, so it was stopped. Try again later."
-        if kind == "response_body" and self.response_kind == "sse":
-            return messages.common_reply(kind, body=self._api().stream_error_event(500, message, ERROR_CODE_INTERNAL))
+        if kind == "response_body" and self.response_kind in ("sse", "eventstream"):
+            # The error goes into the stream, in the stream's own format once that is known.
+            api = self.rewriter.api if self.rewriter is not None else self._api()
+            return messages.common_reply(kind, body=api.stream_error_event(500, message, ERROR_CODE_INTERNAL))
         return self._error_reply(500, message, ERROR_CODE_INTERNAL, "extguard_internal_error")
 
     # -- request -------------------------------------------------------------------------------
@@ -427,11 +429,10 @@ class Exchange:
         if self.meter is not None and status[:1] in ("4", "5"):
             self.meter.upstream_failed = True
 
-        if content_type in UNREADABLE_STREAM_TYPES and guarded:
-            message = f"The upstream responded with content-type {content_type!r}, which extguard cannot inspect."
-            return self._uninspectable_response("unsupported_content_type", message)
         if content_type == "text/event-stream":
             self.response_kind = "sse"
+        elif content_type == EVENT_STREAM_TYPE:
+            self.response_kind = "eventstream"
         elif content_type == "application/json" or content_type.endswith("+json"):
             self.response_kind = "json"
         if not guarded or not self.response_kind:
@@ -449,6 +450,8 @@ class Exchange:
             return messages.continue_reply("response_headers", _RESPONSE_BUFFERED)
 
         self.response_body_mode = messages.STREAMED
+        if self.response_kind == "eventstream":
+            self._start_stream(BEDROCK_CONVERSE)  # one framing for both Bedrock stream APIs
         remove = ["content-length"]
         if self.response_content_encoding:
             # The stream is decoded for scanning and sent on as identity.
@@ -481,7 +484,7 @@ class Exchange:
         return self._error_reply(502, message, ERROR_CODE_BAD_INPUT, f"extguard_{kind}")
 
     async def on_response_body(self, body: ext_proc.HttpBody) -> ext_proc.ProcessingResponse:
-        if self.response_kind == "sse":
+        if self.response_kind in ("sse", "eventstream"):
             reply = self._stream_chunk(body)
             if body.end_of_stream:
                 await self.settle()

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from extguard.llm import payloads
+from extguard.llm.eventstream import encode_message
 from extguard.llm.sse import SseDecodeError, SseDecoder
 
 ERROR_CODE_BLOCKED = "extguard_policy_violation"
@@ -57,12 +58,19 @@ class Api:
         return _dumps(self.error_document(status, message, code)).encode("utf-8")
 
     def stream_error_event(self, status: int, message: str, code: str) -> bytes:
-        """Return one SSE event that makes this provider's SDK raise an error mid-stream.
+        """Return one stream event that makes this provider's SDK raise an error mid-stream.
+
+        An SSE event, or for Bedrock an event stream message of type exception.
 
         `status` is the HTTP status the error would have had before streaming began; it picks
         the error type, as in `error_body`.
         """
         data = _dumps(self.error_document(status, message, code))
+        if self.kind is ApiKind.BEDROCK_CONVERSE:
+            # An event stream message of type exception, which the AWS SDKs raise.
+            exception = "internalServerException" if status >= 500 else "validationException"
+            headers = {":message-type": "exception", ":exception-type": exception, ":content-type": "application/json"}
+            return encode_message(headers, data.encode("utf-8"))
         if self.kind is ApiKind.ANTHROPIC_MESSAGES:
             return f"event: error\ndata: {data}\n\n".encode()
         return f"data: {data}\n\n".encode()

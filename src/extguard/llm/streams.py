@@ -1,11 +1,13 @@
-"""Guard streamed (SSE) responses of the OpenAI, Anthropic and Gemini APIs event by event.
+"""Guard streamed responses event by event: SSE of the OpenAI, Anthropic and Gemini APIs, and
+Bedrock's event streams.
 
 Each text channel of a stream (a choice's content, one tool call's arguments, one Anthropic
 content block, one Gemini candidate's text) gets its own `StreamGuard`, which holds back only the trailing characters that
 could still be part of a match. Held text is released with the next event of the same channel,
 or, when the channel ends, inserted into the closing event (OpenAI: the chunk carrying
 `finish_reason`) or as an extra delta event just before it (Anthropic: before
-`content_block_stop`; Gemini: the chunk carrying `finishReason`). Events the guard leaves unchanged are forwarded byte for byte.
+`content_block_stop`; Gemini: the chunk carrying `finishReason`; Bedrock: a delta message
+before `contentBlockStop`). Events the guard leaves unchanged are forwarded byte for byte.
 
 When a blocking rule fires mid-stream, the rewriter emits one well-formed error event that the
 provider's SDK raises as an API error, and drops everything the upstream sends after it.
@@ -13,14 +15,17 @@ provider's SDK raises as an API error, and drops everything the upstream sends a
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from collections.abc import Callable, Hashable
 from typing import Any
 
-from extguard.llm.apis import ERROR_CODE_BAD_INPUT, ERROR_CODE_BLOCKED, Api, ApiKind
+from extguard.llm.apis import ANTHROPIC_MESSAGES, ERROR_CODE_BAD_INPUT, ERROR_CODE_BLOCKED, Api, ApiKind
+from extguard.llm.eventstream import EventStreamDecoder, EventStreamError, Message, encode_message
 from extguard.llm.payloads import string_leaves
 from extguard.llm.sse import SseDecodeError, SseDecoder, SseEvent, encode_event
-from extguard.llm.usage import ReportedUsage, usage_from_event
+from extguard.llm.usage import ReportedUsage, usage_from_document, usage_from_event
 from extguard.scan.engine import Hit
 from extguard.scan.stream import StreamGuard
 
@@ -54,7 +59,7 @@ class StreamRewriter:
         self._make_guard = make_guard
         self._block_message = block_message
         self._pass_bad_events = pass_bad_events
-        self._decoder = SseDecoder()
+        self._decoder: SseDecoder | EventStreamDecoder = self._new_decoder()
         self._channels: dict[Hashable, StreamGuard] = {}
         self.usage = ReportedUsage()  # usage the provider reported in the stream so far
         self.text_chars = 0  # chars of generated text seen, to estimate output without usage
@@ -67,10 +72,12 @@ class StreamRewriter:
             events = self._decoder.feed(chunk)
         except SseDecodeError:
             return self._bad_input("invalid_utf8")
+        except EventStreamError:
+            return self._bad_input("malformed_frame")
 
         output: list[bytes] = []
         for event in events:
-            usage_from_event(self.api, event, self.usage)
+            self._note_usage(event)
             try:
                 output.append(self._rewrite(event))
             except _Blocked as blocked:
@@ -90,6 +97,12 @@ class StreamRewriter:
             return self._flush_channels(lambda key: True)
         except _Blocked as blocked:
             return blocked.args[0]
+
+    def _new_decoder(self) -> SseDecoder | EventStreamDecoder:
+        return SseDecoder()
+
+    def _note_usage(self, event: Any) -> None:
+        usage_from_event(self.api, event, self.usage)
 
     # -- channels --------------------------------------------------------------------------
 
@@ -119,10 +132,10 @@ class StreamRewriter:
     def _flush_channels(self, wanted: Callable[[Hashable], bool]) -> bytes:
         raise NotImplementedError
 
-    def _rewrite(self, event: SseEvent) -> bytes:
+    def _rewrite(self, event: Any) -> bytes:
         raise NotImplementedError
 
-    def _bad_input(self, kind: str, event: SseEvent | None = None) -> bytes:
+    def _bad_input(self, kind: str, event: SseEvent | Message | None = None) -> bytes:
         self.problems.append(kind)
         if self._pass_bad_events and event is not None:
             return event.raw
@@ -344,7 +357,115 @@ class GeminiStreamRewriter(StreamRewriter):
         return b"".join(output)
 
 
+# Headers of the delta messages that a Bedrock rewriter adds to release held text.
+_BEDROCK_EVENT = {":message-type": "event", ":content-type": "application/json"}
+_CONVERSE_DELTA_FIELDS = {"text": ("text",), "tool": ("toolUse", "input"), "reasoning": ("reasoningContent", "text")}
+
+
+class BedrockStreamRewriter(StreamRewriter):
+    """Bedrock event streams, in either of two shapes.
+
+    ConverseStream: `contentBlockDelta` messages with text, tool-use input or reasoning text per
+    content block, and usage in the `metadata` message. InvokeModelWithResponseStream (Anthropic
+    models): `chunk` messages whose `bytes` field is a base64 Anthropic Messages stream event.
+    """
+
+    def _new_decoder(self) -> EventStreamDecoder:
+        return EventStreamDecoder()
+
+    def _note_usage(self, event: Any) -> None:
+        pass  # read in _rewrite, which parses every payload anyway
+
+    def _rewrite(self, message: Message) -> bytes:
+        if message.message_type != "event":
+            return message.raw
+        try:
+            document = json.loads(message.payload)
+        except ValueError:
+            return self._bad_input("malformed_json", message)
+        if not isinstance(document, dict):
+            return message.raw
+        if message.event_type == "chunk":
+            return self._rewrite_chunk(message, document)
+        return self._rewrite_converse(message, document)
+
+    def _rewrite_converse(self, message: Message, document: dict[str, Any]) -> bytes:
+        usage_from_document(self.api, document, self.usage)
+        name = message.event_type
+        index = document.get("contentBlockIndex", 0)
+        if name == "contentBlockStop":
+            return self._flush_channels(lambda key: key[:2] == ("converse", index)) + message.raw  # type: ignore[index]
+        if name == "messageStop":
+            return self._flush_channels(lambda key: True) + message.raw
+        delta = document.get("delta")
+        if name != "contentBlockDelta" or not isinstance(delta, dict):
+            return message.raw
+        for kind, path in _CONVERSE_DELTA_FIELDS.items():
+            container = delta
+            for step in path[:-1]:
+                container = container.get(step) if isinstance(container, dict) else None
+            text = container.get(path[-1]) if isinstance(container, dict) else None
+            if isinstance(text, str) and text:
+                released = self._feed_channel(("converse", index, kind), text)
+                if released == text:
+                    return message.raw
+                container[path[-1]] = released  # type: ignore[index]
+                return message.with_payload(_dumps(document).encode("utf-8"))
+        return message.raw
+
+    def _rewrite_chunk(self, message: Message, document: dict[str, Any]) -> bytes:
+        try:
+            event = json.loads(base64.b64decode(document["bytes"], validate=True))
+        except (KeyError, TypeError, ValueError, binascii.Error):
+            return self._bad_input("malformed_json", message)
+        if not isinstance(event, dict):
+            return message.raw
+        usage_from_document(ANTHROPIC_MESSAGES, event, self.usage)
+        name = event.get("type")
+        index = event.get("index", 0)
+        if name == "content_block_stop":
+            return self._flush_channels(lambda key: key[:2] == ("chunk", index)) + message.raw  # type: ignore[index]
+        if name == "message_stop":
+            return self._flush_channels(lambda key: True) + message.raw
+        delta = event.get("delta")
+        if name != "content_block_delta" or not isinstance(delta, dict):
+            return message.raw
+        field = {"text_delta": "text", "input_json_delta": "partial_json"}.get(delta.get("type", ""))
+        text = delta.get(field) if field else None
+        if not isinstance(text, str) or not text:
+            return message.raw
+        released = self._feed_channel(("chunk", index, field), text)
+        if released == text:
+            return message.raw
+        delta[field] = released
+        document["bytes"] = base64.b64encode(_dumps(event).encode("utf-8")).decode("ascii")
+        return message.with_payload(_dumps(document).encode("utf-8"))
+
+    def _flush_channels(self, wanted: Callable[[Hashable], bool]) -> bytes:
+        output: list[bytes] = []
+        for key in [key for key in self._channels if wanted(key)]:
+            text = self._flush_channel(key)
+            if not text:
+                continue
+            shape, index, kind = key  # type: ignore[misc]
+            if shape == "converse":
+                *outer, last = _CONVERSE_DELTA_FIELDS[kind]
+                delta: dict[str, Any] = {last: text}
+                for step in reversed(outer):
+                    delta = {step: delta}
+                payload = {"contentBlockIndex": index, "delta": delta}
+                output.append(encode_message({":event-type": "contentBlockDelta", **_BEDROCK_EVENT}, _dumps(payload).encode("utf-8")))
+            else:
+                delta_type = "text_delta" if kind == "text" else "input_json_delta"
+                event = {"type": "content_block_delta", "index": index, "delta": {"type": delta_type, kind: text}}
+                payload = {"bytes": base64.b64encode(_dumps(event).encode("utf-8")).decode("ascii")}
+                output.append(encode_message({":event-type": "chunk", **_BEDROCK_EVENT}, _dumps(payload).encode("utf-8")))
+        return b"".join(output)
+
+
 def stream_rewriter_for(api: Api, *args: Any, **kwargs: Any) -> StreamRewriter:
+    if api.kind is ApiKind.BEDROCK_CONVERSE:
+        return BedrockStreamRewriter(api, *args, **kwargs)
     if api.kind is ApiKind.ANTHROPIC_MESSAGES:
         return AnthropicStreamRewriter(api, *args, **kwargs)
     if api.kind is ApiKind.GEMINI_GENERATE_CONTENT:

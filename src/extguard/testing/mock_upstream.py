@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import collections
 import gzip
 import json
@@ -95,7 +96,8 @@ _SCRIPT_FIELDS = frozenset(
     }
 )
 # Native response formats that `mock.native` selects on /v1/chat/completions.
-NATIVE_FORMATS = ("anthropic", "gemini", "bedrock")
+NATIVE_FORMATS = ("anthropic", "gemini", "bedrock", "bedrock_anthropic")
+EVENT_STREAM_CONTENT_TYPE = "application/vnd.amazon.eventstream"
 
 # Error types by HTTP status, from https://docs.claude.com/en/api/errors. That page states that other
 # 4xx statuses may use invalid_request_error, and the mock uses api_error for other 5xx ones.
@@ -163,7 +165,10 @@ class MockScript:
         native: on ``/v1/chat/completions``, reply in a provider's native format instead of
             OpenAI's, as a provider behind a translating gateway (Envoy AI Gateway) does:
             ``anthropic`` (Messages, JSON or SSE), ``gemini`` (``generateContent`` JSON, or
-            ``streamGenerateContent`` SSE) or ``bedrock`` (Converse JSON; not streamed).
+            ``streamGenerateContent`` SSE), ``bedrock`` (Converse JSON, or ConverseStream in
+            AWS event stream framing) or ``bedrock_anthropic`` (an Anthropic model through
+            Bedrock's InvokeModel: Anthropic JSON, or base64 Anthropic events in ``chunk``
+            messages of an event stream).
     """
 
     reply: str | None = None
@@ -204,7 +209,8 @@ BILLING = web.AppKey("billing", Billing)
 
 @dataclass(frozen=True)
 class SseEvent:
-    """One encoded SSE event and the generated text (reply or tool arguments) it carries."""
+    """One encoded stream event (SSE, or an AWS event stream message) and the generated text
+    (reply or tool arguments) it carries."""
 
     data: bytes
     generated: str = ""
@@ -479,16 +485,22 @@ def _sse_named(event: str, payload: object) -> bytes:
 
 
 async def _send_sse(
-    request: web.Request, events: list[SseEvent], script: MockScript, prompt_tokens: int
+    request: web.Request,
+    events: list[SseEvent],
+    script: MockScript,
+    prompt_tokens: int,
+    content_type: str | None = None,
 ) -> web.StreamResponse:
     """Stream the SSE events, applying the script's delay, truncation, hold and gzip.
+
+    ``content_type`` replaces SSE's for other framings (AWS event stream messages).
 
     Bills the prompt tokens and the estimate of the generated text that was written, once the
     stream ends for any reason.
     """
     response = web.StreamResponse(
         headers={
-            "Content-Type": script.content_type or "text/event-stream; charset=utf-8",
+            "Content-Type": script.content_type or content_type or "text/event-stream; charset=utf-8",
             "Cache-Control": "no-cache",
         }
     )
@@ -681,9 +693,7 @@ async def _native_reply(
     request: web.Request, completion: Completion, script: MockScript, stream: bool
 ) -> web.StreamResponse:
     """Reply to an OpenAI-format request in the provider's native format that the script names."""
-    if stream and script.native == "bedrock":
-        message = "mock.native bedrock is not streamed: Bedrock streams are binary event streams"
-        return _json_response(openai_error(message, 400), MockScript(), status=400)
+    content_type = None
     try:
         if script.native == "anthropic":
             document = _anthropic_message(completion)
@@ -691,13 +701,18 @@ async def _native_reply(
         elif script.native == "gemini":
             document = _gemini_response(completion)
             events = _gemini_stream_events(completion, script) if stream else []
-        else:
+        elif script.native == "bedrock":
             document = _bedrock_converse_response(completion)
-            events = []
+            events = _converse_stream_messages(completion, script) if stream else []
+            content_type = EVENT_STREAM_CONTENT_TYPE
+        else:
+            document = _anthropic_message(completion)
+            events = _invoke_stream_messages(completion, script) if stream else []
+            content_type = EVENT_STREAM_CONTENT_TYPE
     except InvalidRequestError as error:
         return _json_response(openai_error(str(error), 400), MockScript(), status=400)
     if stream:
-        return await _send_sse(request, events, script, completion.prompt_tokens)
+        return await _send_sse(request, events, script, completion.prompt_tokens, content_type)
     request.app[BILLING].bill(completion.prompt_tokens, completion.completion_tokens)
     return _json_response(document, script)
 
@@ -755,6 +770,64 @@ def _gemini_stream_events(completion: Completion, script: MockScript) -> list[Ss
         }
         events.append(SseEvent(_sse_data(chunk), piece))
     return events
+
+
+def _event_stream_message(event_type: str, payload: dict[str, Any]) -> bytes:
+    """Encode one AWS event stream message with string headers, as Bedrock sends them.
+
+    Written here rather than taken from extguard's own codec, so the tests check that codec
+    against an independent encoder.
+    """
+    headers = b""
+    for name, value in ((":event-type", event_type), (":content-type", "application/json"), (":message-type", "event")):
+        headers += bytes([len(name)]) + name.encode() + b"\x07" + len(value).to_bytes(2, "big") + value.encode()
+    body = json.dumps(payload).encode()
+    total = 12 + len(headers) + len(body) + 4
+    prelude = total.to_bytes(4, "big") + len(headers).to_bytes(4, "big")
+    message = prelude + zlib.crc32(prelude).to_bytes(4, "big") + headers + body
+    return message + zlib.crc32(message).to_bytes(4, "big")
+
+
+def _converse_stream_messages(completion: Completion, script: MockScript) -> list[SseEvent]:
+    """Encode a completion as Bedrock ConverseStream messages, from messageStart to metadata."""
+    if completion.tool_call is None:
+        pieces = split_text(completion.text, script.split_at, script.chunk_chars)
+        start: dict[str, Any] = {"contentBlockIndex": 0}
+        deltas = [({"text": piece}, piece) for piece in pieces]
+    else:
+        pieces = split_text(completion.tool_call.arguments, script.split_at, script.chunk_chars)
+        tool = {"toolUseId": _new_id("tooluse_"), "name": completion.tool_call.name}
+        start = {"contentBlockIndex": 0, "start": {"toolUse": tool}}
+        deltas = [({"toolUse": {"input": piece}}, piece) for piece in pieces]
+    messages = [
+        SseEvent(_event_stream_message("messageStart", {"role": "assistant"})),
+        SseEvent(_event_stream_message("contentBlockStart", start)),
+    ]
+    messages += [
+        SseEvent(_event_stream_message("contentBlockDelta", {"contentBlockIndex": 0, "delta": delta}), piece)
+        for delta, piece in deltas
+    ]
+    usage = {
+        "inputTokens": completion.prompt_tokens,
+        "outputTokens": completion.completion_tokens,
+        "totalTokens": completion.prompt_tokens + completion.completion_tokens,
+    }
+    messages += [
+        SseEvent(_event_stream_message("contentBlockStop", {"contentBlockIndex": 0})),
+        SseEvent(_event_stream_message("messageStop", {"stopReason": _stop_reason(completion)})),
+        SseEvent(_event_stream_message("metadata", {"usage": usage, "metrics": {"latencyMs": 1}})),
+    ]
+    return messages
+
+
+def _invoke_stream_messages(completion: Completion, script: MockScript) -> list[SseEvent]:
+    """Encode Anthropic's stream events as Bedrock InvokeModelWithResponseStream ``chunk`` messages."""
+    messages = []
+    for event in _anthropic_stream_events(completion, script):
+        data = event.data.decode().split("data: ", 1)[1].strip()
+        payload = {"bytes": base64.b64encode(data.encode()).decode()}
+        messages.append(SseEvent(_event_stream_message("chunk", payload), event.generated))
+    return messages
 
 
 def _bedrock_converse_response(completion: Completion) -> dict[str, Any]:
