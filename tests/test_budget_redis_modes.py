@@ -159,6 +159,39 @@ async def test_wrong_password_error_hides_it(password_server: RedisServer) -> No
     assert "not-the-password" not in str(raised.value)
 
 
+async def test_verify_rejects_wrong_password(password_server: RedisServer) -> None:
+    store = RedisBudgetStore.from_settings(redis_settings(url=password_server.url, password_env="PW"), {"PW": "not-the-password"})
+    with pytest.raises(StoreCredentialError) as raised:
+        await store.verify()
+    await store.close()
+
+    assert "rejected extguard's credentials" in str(raised.value)
+    assert "not-the-password" not in str(raised.value)
+
+
+async def test_verify_passes_while_redis_is_down(caplog: pytest.LogCaptureFixture) -> None:
+    store = RedisBudgetStore.from_settings(redis_settings(url=f"redis://127.0.0.1:{free_port()}/0"))
+    await store.verify()  # the failure mode applies to requests until Redis is back
+    await store.close()
+
+    assert "budget store not reachable at start (ConnectionError)" in caplog.text
+
+
+def test_serve_stops_on_wrong_password(tmp_path: Path, password_server: RedisServer) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        f"tenancy:\n  store: {{backend: redis, url: '{password_server.url}', password_env: EG_REDIS_PASSWORD}}\n"
+        "  tenants: {acme: {}}\n",
+        encoding="utf-8",
+    )
+    command = [sys.executable, "-m", "extguard", "serve", "--config", str(policy), "--listen", "127.0.0.1:0", "--metrics-listen", "off"]
+    serve = subprocess.run(command, capture_output=True, text=True, timeout=60, env={**os.environ, "EG_REDIS_PASSWORD": "wrong-one"})
+
+    assert serve.returncode == 1
+    assert "error: Redis rejected extguard's credentials" in serve.stderr
+    assert "wrong-one" not in serve.stderr
+
+
 def test_serve_and_usage_stop_without_password(
     tmp_path: Path, password_server: RedisServer, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -452,7 +452,12 @@ def test_redis_killed_during_traffic(tmp_path: Path, mode: str) -> None:
 
             with ThreadPoolExecutor(max_workers=4) as pool:
                 workers = [pool.submit(traffic, worker) for worker in range(4)]
-                time.sleep(1.0)
+                # Kill only once traffic flows, so that streams are in flight at the kill even on
+                # a busy machine: their commits must go through the spool.
+                warm_until = time.monotonic() + 15
+                while len(outcomes) < 8 and time.monotonic() < warm_until:
+                    time.sleep(0.05)
+                time.sleep(0.1)
                 redis_server.kill()
                 time.sleep(1.5)
                 redis_server.start()

@@ -151,7 +151,7 @@ async def serve(policy_path: str | Path, settings: ServerSettings) -> None:
     server = GuardServer(runtime, settings)
     port = await server.start()
     host = settings.listen.rpartition(":")[0]
-    log.info("ext_proc server listening on %s:%d (policy %s)", host, port, policy_path)
+    log.info("ext_proc and ext_authz server listening on %s:%d (policy %s)", host, port, policy_path)
     if settings.metrics_listen:
         try:
             metrics_server, _ = start_http_server(metrics_port, addr=metrics_host, registry=runtime.metrics.registry)

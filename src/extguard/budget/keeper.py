@@ -226,9 +226,11 @@ class BudgetKeeper:
         """Load the commits that a previous process left in the spool file, and replay them.
 
         Raise OSError when the spool file's folder cannot be written, so a misconfigured replica
-        does not start and later lose usage.
+        does not start and later lose usage, and StoreCredentialError when Redis rejects the
+        credentials.
         """
         self.spool.check_folder()
+        await self.store.verify()
         loaded = self.spool.load()
         if loaded:
             log.info("%d budget commits loaded from %s", loaded, self.spool.path)

@@ -136,6 +136,9 @@ class MemoryBudgetStore:
         self._markers[(tenant, name)] = self._clock() + ttl_s  # type: ignore[operator]
         return True
 
+    async def verify(self) -> None:
+        pass  # nothing to connect to
+
     async def close(self) -> None:
         self._counters.clear()
 

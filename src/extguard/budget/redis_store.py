@@ -21,9 +21,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import AuthenticationError, NoScriptError, RedisError
 
-from extguard.budget.redis_connect import RedisClient, connect
+from extguard.budget.redis_connect import RedisClient, StoreCredentialError, connect
 from extguard.budget.store import (
     COMMIT_MARKER_TTL_S,
     LEDGER_METRICS,
@@ -322,6 +322,19 @@ class RedisBudgetStore:
     async def mark_once(self, tenant: str, name: str, ttl_s: int) -> bool:
         self._watch_master()
         return bool(await self._client.set(f"eg:{{{tenant}}}:once:{name}", "1", nx=True, ex=max(ttl_s, 1)))
+
+    async def verify(self) -> None:
+        self._watch_master()
+        try:
+            await self._client.ping()
+        except AuthenticationError as error:
+            # A wrong password stays wrong: failing at start beats a Ready replica that refuses
+            # every tenant's request.
+            raise StoreCredentialError(
+                f"Redis rejected extguard's credentials ({error}); check the password and user that tenancy.store names"
+            ) from None
+        except (RedisError, OSError) as error:
+            log.warning("budget store not reachable at start (%s); its failure_mode applies until it is", type(error).__name__)
 
     async def close(self) -> None:
         self._closing = True

@@ -134,6 +134,14 @@ class BudgetStore(Protocol):
         """Set the marker `name` of `tenant` for `ttl_s`; return True only for the caller that set it first."""
         ...
 
+    async def verify(self) -> None:
+        """Check at start that the store accepts extguard's credentials.
+
+        Raise StoreCredentialError when it rejects them. A store that cannot be reached passes:
+        the failure mode applies to requests until it can be.
+        """
+        ...
+
     async def close(self) -> None: ...
 
 
