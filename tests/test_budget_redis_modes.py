@@ -165,8 +165,17 @@ async def test_verify_rejects_wrong_password(password_server: RedisServer) -> No
         await store.verify()
     await store.close()
 
-    assert "rejected extguard's credentials" in str(raised.value)
+    assert "rejected extguard's credentials: check the password in $PW (tenancy.store.password_env)" in str(raised.value)
     assert "not-the-password" not in str(raised.value)
+
+
+async def test_verify_says_no_password_was_sent(password_server: RedisServer) -> None:
+    store = RedisBudgetStore.from_settings(redis_settings(url=password_server.url))
+    with pytest.raises(StoreCredentialError) as raised:
+        await store.verify()
+    await store.close()
+
+    assert "no password was sent; name the variable that holds it in tenancy.store.password_env" in str(raised.value)
 
 
 async def test_verify_passes_while_redis_is_down(caplog: pytest.LogCaptureFixture) -> None:
@@ -174,7 +183,7 @@ async def test_verify_passes_while_redis_is_down(caplog: pytest.LogCaptureFixtur
     await store.verify()  # the failure mode applies to requests until Redis is back
     await store.close()
 
-    assert "budget store not reachable at start (ConnectionError)" in caplog.text
+    assert "not reachable at start (ConnectionError); requests follow failure_mode closed until it is reachable" in caplog.text
 
 
 def test_serve_stops_on_wrong_password(tmp_path: Path, password_server: RedisServer) -> None:
@@ -188,7 +197,7 @@ def test_serve_stops_on_wrong_password(tmp_path: Path, password_server: RedisSer
     serve = subprocess.run(command, capture_output=True, text=True, timeout=60, env={**os.environ, "EG_REDIS_PASSWORD": "wrong-one"})
 
     assert serve.returncode == 1
-    assert "error: Redis rejected extguard's credentials" in serve.stderr
+    assert "rejected extguard's credentials: check the password in $EG_REDIS_PASSWORD" in serve.stderr
     assert "wrong-one" not in serve.stderr
 
 

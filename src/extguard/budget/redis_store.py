@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -220,6 +221,7 @@ class RedisBudgetStore:
         self._master_check_interval_s = master_check_interval_s
         self._master_watch: asyncio.Task[None] | None = None
         self._closing = False
+        self._settings: StoreSettings | None = None  # set by from_settings, for start-up messages
 
     @classmethod
     def from_settings(
@@ -227,7 +229,9 @@ class RedisBudgetStore:
     ) -> RedisBudgetStore:
         """Build the store for `settings`. Raise StoreCredentialError when a named credential variable is unset or empty."""
         client, sentinel = connect(settings, environ)
-        return cls(client, sentinel, master_check_interval_s=master_check_interval_s)
+        store = cls(client, sentinel, master_check_interval_s=master_check_interval_s)
+        store._settings = settings
+        return store
 
     async def reserve(
         self,
@@ -330,11 +334,27 @@ class RedisBudgetStore:
         except AuthenticationError as error:
             # A wrong password stays wrong: failing at start beats a Ready replica that refuses
             # every tenant's request.
-            raise StoreCredentialError(
-                f"Redis rejected extguard's credentials ({error}); check the password and user that tenancy.store names"
-            ) from None
+            raise StoreCredentialError(f"Redis at {self._target()} rejected extguard's credentials: {self._credential_hint()} ({error})") from None
         except (RedisError, OSError) as error:
-            log.warning("budget store not reachable at start (%s); its failure_mode applies until it is", type(error).__name__)
+            mode = self._settings.failure_mode if self._settings is not None else "the configured"
+            log.warning(
+                "budget store %s not reachable at start (%s); requests follow failure_mode %s until it is reachable",
+                self._target(), type(error).__name__, mode,
+            )  # fmt: skip
+
+    def _target(self) -> str:
+        return self._settings.display_target if self._settings is not None else "the configured address"
+
+    def _credential_hint(self) -> str:
+        """Say where the rejected credentials came from, naming variables but never values."""
+        settings = self._settings
+        if settings is None:
+            return "check the password and user that tenancy.store names"
+        if settings.password_env is not None:
+            return f"check the password in ${settings.password_env} (tenancy.store.password_env)"
+        if urllib.parse.urlsplit(settings.url).password is not None:
+            return "check the credentials in tenancy.store.url"
+        return "no password was sent; name the variable that holds it in tenancy.store.password_env"
 
     async def close(self) -> None:
         self._closing = True
