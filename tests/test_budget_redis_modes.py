@@ -276,7 +276,7 @@ async def test_cluster_store_during_resharding(redis_cluster: RedisClusterServer
     """A tenant's slot moves to another node: calls work before and after, and fail in between without changing anything.
 
     While the slot migrates, every script names a key that the source node lacks (a reservation
-    set emptied by its commit, a new commit marker), so Redis answers TRYAGAIN until the client
+    set emptied by its commit, a new commit marker), so Redis replies TRYAGAIN until the client
     gives up.
     """
     tenant = "initech"  # not one of TENANTS_ON_THREE_NODES, whose nodes other tests check

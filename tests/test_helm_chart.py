@@ -149,8 +149,8 @@ def test_gateway_objects_match_crds(chart: helm.Chart) -> None:
 
 
 def test_ext_authz_gets_no_request_body(chart: helm.Chart) -> None:
-    # Envoy Gateway answers 413 to a body larger than bodyToExtAuth's limit, so a limit there
-    # would refuse large prompts; ext_proc checks the model from the body instead.
+    # Envoy Gateway rejects a body larger than bodyToExtAuth's limit with 413, so a limit there
+    # would reject large prompts. ext_proc checks the model from the body instead.
     shipped = yaml.safe_load_all((REPO_ROOT / "envoy" / "gateway" / "extguard-policies.yaml").read_text(encoding="utf-8"))
     policies = [one(render(chart, full_values()), "SecurityPolicy")]
     policies += [item for item in shipped if item and item["kind"] == "SecurityPolicy"]

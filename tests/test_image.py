@@ -1,10 +1,10 @@
 """The container image, checked without a Docker engine (none runs here).
 
-What is checked: hadolint's rules on the Dockerfile; its shape (a build stage with the
-compilers, a final stage without them that runs as a non-root user); that the build context
-left by .dockerignore has everything the Dockerfile copies; and the image's own install step,
-run into a fresh virtual environment from a copy of that context, then the installed server
-started with the image's command on loopback.
+The tests run hadolint's rules on the Dockerfile and check its shape: a build stage with the
+compilers, and a final stage without them that runs as a non-root user. They check that the
+build context left by .dockerignore has everything the Dockerfile copies. Then they run the
+image's install step into a fresh virtual environment from a copy of that context, and start
+the installed server with the image's command on loopback.
 """
 
 from __future__ import annotations

@@ -36,6 +36,10 @@ def _dumps(document: Any) -> str:
     return json.dumps(document, ensure_ascii=False, separators=(",", ":"))
 
 
+# The text field of each Anthropic content delta type that carries generated text.
+_ANTHROPIC_DELTA_FIELDS = {"text_delta": "text", "input_json_delta": "partial_json"}
+
+
 class _Blocked(Exception):
     """Raised inside the rewriter when a channel reports a blocking hit."""
 
@@ -269,7 +273,7 @@ class AnthropicStreamRewriter(StreamRewriter):
         delta = document.get("delta")
         if not isinstance(delta, dict):
             return event.raw
-        field = {"text_delta": "text", "input_json_delta": "partial_json"}.get(delta.get("type", ""))
+        field = _ANTHROPIC_DELTA_FIELDS.get(delta.get("type", ""))
         text = delta.get(field) if field else None
         if not isinstance(text, str) or not text:
             return event.raw
@@ -430,7 +434,7 @@ class BedrockStreamRewriter(StreamRewriter):
         delta = event.get("delta")
         if name != "content_block_delta" or not isinstance(delta, dict):
             return message.raw
-        field = {"text_delta": "text", "input_json_delta": "partial_json"}.get(delta.get("type", ""))
+        field = _ANTHROPIC_DELTA_FIELDS.get(delta.get("type", ""))
         text = delta.get(field) if field else None
         if not isinstance(text, str) or not text:
             return message.raw
